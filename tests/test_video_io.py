@@ -1,0 +1,248 @@
+"""video_io: frame selection, both video backends, JPEG frame folders, reduced-size decoding, broken inputs."""
+
+import gc
+import os
+
+import av
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import video_io
+from video_io import VideoInfo, VideoReadError, probe, read_frames
+
+WIDTH, HEIGHT, NUM_FRAMES = 64, 48, 30
+_TEXTURE = np.random.default_rng(0).integers(-12, 13, (HEIGHT, WIDTH, 1))
+
+
+def frame_pixels(i: int) -> np.ndarray:
+    """Frame i: grey level 16 + 7 i (so the level tells the index) plus a texture moving one pixel per frame."""
+    return np.clip(16 + 7 * i + np.roll(_TEXTURE, i, axis=1), 0, 255).astype(np.uint8).repeat(3, axis=2)
+
+
+def frame_ids(clip: torch.Tensor) -> list[int]:
+    """Index of each frame of a (T, C, H, W) clip, read back from its mean grey level."""
+    return [round((float(level) - 16) / 7) for level in clip.float().mean(dim=(1, 2, 3))]
+
+
+def write_video(path, num_frames=NUM_FRAMES, gop=5, codec="libx264", options=None) -> str:
+    """A small video whose frame i is frame_pixels(i); x264 puts B-frames between the keyframes every `gop`."""
+    with av.open(str(path), "w", options=options or {}) as container:
+        stream = container.add_stream(codec, rate=30)
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        stream.codec_context.gop_size = gop
+        for i in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(frame_pixels(i), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
+
+
+def write_frame_folder(folder, name_of, num_frames=12, size=(WIDTH, HEIGHT)) -> str:
+    """JPEG frames named name_of(1..num_frames), written in shuffled order."""
+    os.makedirs(folder, exist_ok=True)
+    for i in np.random.default_rng(1).permutation(num_frames):
+        pixels = frame_pixels(int(i))
+        if size != (WIDTH, HEIGHT):
+            pixels = np.asarray(Image.fromarray(pixels).resize(size))
+        Image.fromarray(pixels).save(os.path.join(folder, name_of(int(i) + 1)), quality=95)
+    return str(folder)
+
+
+def open_bytes(path) -> bytes:
+    with open(path, "rb") as file:
+        return file.read()
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory) -> str:
+    return write_video(tmp_path_factory.mktemp("video") / "clip.mp4")
+
+
+BACKENDS = [
+    pytest.param(
+        "torchcodec",
+        marks=pytest.mark.skipif(
+            "torchcodec" not in video_io.available_backends(),
+            reason=f"torchcodec unavailable: {video_io._torchcodec_problem()}",
+        ),
+    ),
+    "pyav",
+]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Video files
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_probe_video(video, backend):
+    assert probe(video, backend=backend) == VideoInfo(NUM_FRAMES, 30.0, HEIGHT, WIDTH)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_read_frames_order_repeats_and_clamping(video, backend):
+    indices = [7, 0, 7, 29, 3, -4, 100, 16]
+    clip = read_frames(video, indices, backend=backend)
+    assert clip.shape == (len(indices), 3, HEIGHT, WIDTH) and clip.dtype == torch.uint8
+    assert frame_ids(clip) == [7, 0, 7, 29, 3, 0, 29, 16]
+    assert torch.equal(clip[0], clip[2])
+
+
+@pytest.mark.parametrize(
+    ("codec", "suffix"),
+    [("libx264", ".mp4"), ("libx265", ".mp4"), ("libvpx-vp9", ".webm"), ("libsvtav1", ".mp4"), ("mpeg4", ".avi")],
+)
+def test_sparse_reads_equal_full_decode(tmp_path, codec, suffix):
+    """Jumping over GOPs and skipping unwanted frames must give the same pixels as decoding every frame."""
+    if codec not in av.codecs_available:
+        pytest.skip(f"this FFmpeg build has no {codec} encoder")
+    path = write_video(tmp_path / f"clip{suffix}", gop=10, codec=codec)
+    every = read_frames(path, range(NUM_FRAMES), backend="pyav")
+    assert frame_ids(every) == list(range(NUM_FRAMES))
+    for indices in ([2, 13, 27], [29], [11, 12], [28, 1, 15, 15]):
+        assert torch.equal(read_frames(path, indices, backend="pyav"), every[indices])
+
+
+def test_both_backends_give_identical_frames(video):
+    if "torchcodec" not in video_io.available_backends():
+        pytest.skip(f"torchcodec unavailable: {video_io._torchcodec_problem()}")
+    for indices in ([0, 9, 18, 27], list(range(NUM_FRAMES)), [29, 29, 2, -1, 50]):
+        pyav = read_frames(video, indices, backend="pyav")
+        codec = read_frames(video, indices, backend="torchcodec")
+        assert torch.equal(pyav, codec)  # same FFmpeg decoder and colour conversion: exact, not approximate
+
+
+def test_container_without_frame_count(tmp_path):
+    """Matroska headers carry no frame count: probe counts packets instead."""
+    path = write_video(tmp_path / "clip.mkv", num_frames=17)
+    with av.open(path) as container:
+        assert container.streams.video[0].frames == 0
+    assert probe(path).num_frames == 17
+    assert frame_ids(read_frames(path, [16, 0, 8, 40])) == [16, 0, 8, 16]
+
+
+def test_stream_without_timestamps(tmp_path):
+    """A raw H.264 stream has no timestamps: frames are counted as they come out of the decoder."""
+    path = write_video(tmp_path / "clip.h264")
+    with av.open(path) as container:
+        assert next(container.demux(container.streams.video[0])).pts is None
+    assert probe(path).num_frames == NUM_FRAMES
+    assert frame_ids(read_frames(path, [5, 0, 29, 5, 40, -1])) == [5, 0, 29, 5, 29, 0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_file_shorter_than_its_header_is_clamped(tmp_path, backend):
+    """Header at the front, data cut short: the reported count is wrong, the frames returned are still valid."""
+    path = write_video(tmp_path / "full.mp4", options={"movflags": "faststart"})
+    data = open_bytes(path)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: int(len(data) * 0.8)])
+    assert 10 < probe(cut, backend=backend).num_frames <= NUM_FRAMES  # PyAV: the header's 30; torchcodec counts
+    ids = frame_ids(read_frames(cut, [0, 10, 29], backend=backend))
+    assert ids[:2] == [0, 10]
+    assert 10 < ids[2] < 29  # the last frame that decodes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_broken_video_files_raise_video_read_error(tmp_path, video, backend):
+    missing = tmp_path / "missing.mp4"
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    truncated = tmp_path / "truncated.mp4"  # ffmpeg's default layout: the index is at the end, so it is lost
+    truncated.write_bytes(open_bytes(video)[:3000])
+    for path in (missing, empty, garbage, truncated):
+        with pytest.raises(VideoReadError, match=str(path)):
+            read_frames(path, [0, 1], backend=backend)
+        with pytest.raises(VideoReadError, match=str(path)):
+            probe(path, backend=backend)
+
+
+def test_no_file_descriptors_leak(video, tmp_path):
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to count open files")
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"not a video" * 100)
+    read_frames(video, [0])
+    gc.collect()  # files other tests left to the garbage collector must not close in the middle of the count
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(30):
+        for backend in video_io.available_backends():
+            read_frames(video, [1, 20], backend=backend)
+            probe(video, backend=backend)
+            with pytest.raises(VideoReadError):
+                read_frames(garbage, [0], backend=backend)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_bad_arguments(video):
+    with pytest.raises(ValueError, match="backend"):
+        read_frames(video, [0], backend="opencv")
+    with pytest.raises(ValueError, match="no frame indices"):
+        read_frames(video, [])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# JPEG frame folders
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name_of", [lambda i: f"frame_{i:05d}.jpg", lambda i: f"AB12C-{i:06d}.jpg"], ids=["original", "charades"]
+)
+def test_frame_folder_patterns(tmp_path, name_of):
+    folder = write_frame_folder(tmp_path / "AB12C", name_of)
+    (tmp_path / "AB12C" / "notes.txt").write_text("not a frame")
+    assert probe(folder, fps=24.0) == VideoInfo(12, 24.0, HEIGHT, WIDTH)
+    clip = read_frames(folder, [11, 0, 5, 5, -2, 30])
+    assert clip.shape == (6, 3, HEIGHT, WIDTH) and clip.dtype == torch.uint8
+    assert frame_ids(clip) == [11, 0, 5, 5, 0, 11]
+
+
+def test_reduced_size_decoding(tmp_path):
+    size = (320, 240)
+    folder = write_frame_folder(tmp_path / "big", lambda i: f"frame_{i:05d}.jpg", num_frames=3, size=size)
+    full = read_frames(folder, [0, 2])
+    assert full.shape[-2:] == (240, 320)
+    for min_short_side, expected in [
+        (200, (240, 320)),
+        (120, (120, 160)),
+        (100, (120, 160)),
+        (60, (60, 80)),
+        (50, (60, 80)),
+        (20, (30, 40)),
+    ]:
+        small = read_frames(folder, [0, 2], min_short_side=min_short_side)
+        assert small.shape[-2:] == expected and min(small.shape[-2:]) >= min_short_side
+        reference = F.interpolate(full.float(), size=expected, mode="bilinear", antialias=True)
+        assert (small.float() - reference).abs().mean() < 4.0  # DCT scaling ~ an antialiased resize
+
+
+def test_broken_frame_folders_raise_video_read_error(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(VideoReadError, match=str(empty)):
+        read_frames(empty, [0])
+    with pytest.raises(VideoReadError, match=str(empty)):
+        probe(empty)
+
+    folder = write_frame_folder(tmp_path / "cut", lambda i: f"frame_{i:05d}.jpg", num_frames=3)
+    frame = os.path.join(folder, "frame_00002.jpg")
+    data = open_bytes(frame)
+    with open(frame, "wb") as file:
+        file.write(data[: len(data) // 2])
+    assert frame_ids(read_frames(folder, [0])) == [0]
+    with pytest.raises(VideoReadError, match=frame):
+        read_frames(folder, [0, 1])
+
+    mixed = write_frame_folder(tmp_path / "mixed", lambda i: f"frame_{i:05d}.jpg", num_frames=2)
+    Image.fromarray(frame_pixels(0)[:32]).save(os.path.join(mixed, "frame_00003.jpg"))
+    with pytest.raises(VideoReadError, match="different sizes"):
+        read_frames(mixed, [0, 2])

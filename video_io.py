@@ -1,0 +1,385 @@
+"""Decoding: video files and JPEG frame folders into uint8 RGB clips of shape (T, C, H, W).
+
+Inputs
+- video files (.mp4/.webm/.mkv/.avi/...) through PyAV (its wheels carry FFmpeg) or torchcodec (needs the system's
+  FFmpeg shared libraries, libavcodec & co.);
+- folders of JPEG frames: the original repo's `frame_00001.jpg` and Charades' `<id>-000001.jpg` (any name that ends
+  in a frame number), decoded with Pillow's libjpeg-turbo. When the caller needs a short side at most half the
+  frame's, they decode at 1/2, 1/4 or 1/8 size (DCT scaling): 1.4x the X3D-XS clips/s from 640x480 frames.
+
+How PyAV reads sparse frames: the packets are demuxed first (about 1 ms for a 10 s clip, no decoding), which gives
+the exact frame count, every frame's timestamp and the keyframes. Then only the GOPs that hold a requested frame
+are decoded, jumping over the others, and frames no other frame refers to are skipped unless requested (where the
+decoder allows it per frame: H.264, HEVC, MPEG-2/4, VP8/9). On a 10 s, 30 fps, 340x256 H.264 clip, one core, 4
+frames spread over the clip take 43 ms against 120 ms for one decoding pass and 62 ms for a seek per frame when
+there is a keyframe every 2 s; 70 ms against 119 ms and 264 ms with a single keyframe. One data-loader worker
+reads and augments 42 X3D-XS training clips/s this way, 12 with one decoding pass and 31 with torchcodec
+(benchmarks/bench_data.py): torchcodec jumps over GOPs too but decodes every frame inside them. So "auto" is
+PyAV, the faster one at every clip shape measured.
+
+Frame indices count frames in presentation order from 0. Out-of-range indices are clamped, and a file that ends
+before its reported length (truncated after its header, or with corrupt packets) is clamped to the frames that
+decode. Anything that cannot give a single frame raises `VideoReadError` naming the path and the problem.
+"""
+
+import bisect
+import functools
+import os
+import re
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import av
+import numpy as np
+import torch
+from PIL import Image
+
+BACKENDS = ("auto", "pyav", "torchcodec")
+# FFmpeg decoders that check `skip_frame` for every frame, so it can change from one packet to the next. Others
+# read it once when they open (libdav1d for AV1): asking them to skip would drop shown frames for the whole read.
+_PER_FRAME_SKIP_DECODERS = frozenset({"h264", "hevc", "mpeg1video", "mpeg2video", "mpeg4", "vp8", "vp9"})
+_FRAME_FILE = re.compile(r"(\d+)\.jpe?g$", re.IGNORECASE)
+
+PathLike = str | os.PathLike
+
+
+class VideoReadError(Exception):
+    """A video file or frame folder is missing, truncated or cannot be decoded; the message names the path."""
+
+
+class VideoInfo(NamedTuple):
+    """Length, frame rate and frame size of a video file or frame folder."""
+
+    num_frames: int
+    fps: float
+    height: int
+    width: int
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def available_backends() -> list[str]:
+    """Video-file backends usable on this machine ("pyav" always; "torchcodec" when it imports and finds FFmpeg)."""
+    return ["pyav", "torchcodec"] if _torchcodec_problem() is None else ["pyav"]
+
+
+def probe(path: PathLike, backend: str = "auto", *, fps: float = 30.0) -> VideoInfo:
+    """Frame count, fps and frame size of a video file or JPEG frame folder (`fps` is used for folders only)."""
+    path = os.fspath(path)
+    _check_backend_name(backend)
+    if os.path.isdir(path):
+        files = _list_frame_files(path)
+        width, height = _jpeg_size(files[0])
+        return VideoInfo(len(files), float(fps), height, width)
+    _check_file(path)
+    if _resolve_backend(backend) == "torchcodec":
+        return _probe_torchcodec(path)
+    return _probe_pyav(path)
+
+
+def read_frames(
+    path: PathLike, indices: Sequence[int], *, backend: str = "auto", min_short_side: int | None = None
+) -> torch.Tensor:
+    """Frames at `indices` (order kept, repeats allowed, out-of-range clamped) as uint8 RGB (T, C, H, W).
+
+    The tensor is a (T, C, H, W) view of channels-last memory, the layout the uint8 resize in transforms.py is
+    fastest on; call .contiguous() before .view() if a dense (T, C, H, W) tensor is needed.
+    `min_short_side` lets a JPEG folder decode at a reduced size whose short side stays >= it; video files always
+    decode at full size. `backend` ("auto", "pyav", "torchcodec") applies to video files.
+    """
+    path = os.fspath(path)
+    _check_backend_name(backend)
+    indices = [int(i) for i in indices]
+    if not indices:
+        raise ValueError(f"{path}: no frame indices requested")
+    if os.path.isdir(path):
+        return _read_folder(path, indices, min_short_side)
+    _check_file(path)
+    if _resolve_backend(backend) == "torchcodec":
+        return _read_torchcodec(path, indices)
+    return _read_pyav(path, indices)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers shared by the backends
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_backend_name(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown video backend {backend!r}; choose one of {BACKENDS}")
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend == "torchcodec":
+        problem = _torchcodec_problem()
+        if problem is not None:
+            raise RuntimeError(f"the torchcodec backend is not usable here: {problem}")
+    # "auto" is PyAV: it reads the sparse clips of training and testing faster (module docstring).
+    return "torchcodec" if backend == "torchcodec" else "pyav"
+
+
+def _check_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise VideoReadError(f"{path}: no such file or folder")
+    if os.path.getsize(path) == 0:
+        raise VideoReadError(f"{path}: file is empty")
+
+
+def _clamp(indices: list[int], num_frames: int) -> list[int]:
+    return [min(max(i, 0), num_frames - 1) for i in indices]
+
+
+def _stack_hwc(path: str, frames: list[np.ndarray]) -> torch.Tensor:
+    """(H, W, C) arrays -> uint8 (T, C, H, W); the memory stays channels-last, which resizes fastest."""
+    shapes = {f.shape for f in frames}
+    if len(shapes) > 1:
+        raise VideoReadError(f"{path}: frames have different sizes {sorted(shapes)}")
+    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)  # (T, H, W, C) -> (T, C, H, W)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PyAV
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _open_video_stream(container: av.container.InputContainer, path: str) -> av.video.stream.VideoStream:
+    if not container.streams.video:
+        raise VideoReadError(f"{path}: no video stream")
+    stream = container.streams.video[0]
+    # Data-loader workers already use one core each; decoder threads would only oversubscribe them.
+    stream.codec_context.thread_count = 1
+    return stream
+
+
+def _av_open(path: str) -> av.container.InputContainer:
+    try:
+        return av.open(path, metadata_errors="ignore")
+    except (av.FFmpegError, OSError) as error:
+        raise VideoReadError(f"{path}: cannot open as a video ({error})") from error
+
+
+def _probe_pyav(path: str) -> VideoInfo:
+    with _av_open(path) as container:
+        stream = _open_video_stream(container, path)
+        rate = stream.average_rate or stream.guessed_rate
+        if not rate:
+            raise VideoReadError(f"{path}: the video stream has no frame rate")
+        # mp4/avi headers store the frame count; webm/mkv do not, so their packets are counted (no decoding).
+        num_frames = stream.frames or len(_demux(container, stream))
+        if num_frames == 0:
+            raise VideoReadError(f"{path}: the video stream has no frames")
+        return VideoInfo(num_frames, float(rate), stream.codec_context.height, stream.codec_context.width)
+
+
+def _demux(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> list[av.Packet]:
+    """All packets of the stream in decode order; a read error ends the list (the rest is treated as missing)."""
+    packets = []
+    try:
+        for packet in container.demux(stream):
+            if packet.size > 0:  # the demuxer ends with an empty flush packet
+                packets.append(packet)
+    except av.FFmpegError:
+        pass
+    return packets
+
+
+def _read_pyav(path: str, indices: list[int]) -> torch.Tensor:
+    with _av_open(path) as container:
+        stream = _open_video_stream(container, path)
+        packets = _demux(container, stream)
+        if not packets:
+            raise VideoReadError(f"{path}: no video packets (empty or truncated file)")
+        timestamps = [p.pts for p in packets if not p.is_discard]
+        if None in timestamps or len(set(timestamps)) != len(timestamps):
+            indices = [max(i, 0) for i in indices]
+            decoded = _decode_in_order(stream.codec_context, packets, sorted(set(indices)))
+        else:
+            indices = _clamp(indices, len(timestamps))
+            decoded = _decode_indexed(stream.codec_context, packets, sorted(timestamps), sorted(set(indices)))
+    if not decoded:
+        raise VideoReadError(f"{path}: no frame could be decoded")
+    return _stack_hwc(path, [decoded[i] for i in indices])
+
+
+def _decode_packet(codec: av.CodecContext, packet: av.Packet | None) -> list[av.VideoFrame]:
+    """Decode one packet (None drains the decoder); a corrupt packet yields no frame instead of failing the read."""
+    try:
+        return codec.decode(packet)
+    except av.FFmpegError:
+        return []
+
+
+def _rgb(frame: av.VideoFrame) -> np.ndarray:
+    return frame.to_ndarray(format="rgb24")  # (H, W, 3)
+
+
+def _gop_start(packets: list[av.Packet], keyframes: list[int], position: int, pts: int) -> int:
+    """Decode position of the last keyframe before `position` that a frame shown at `pts` can be decoded from."""
+    k = bisect.bisect_right(keyframes, position) - 1
+    # An open-GOP keyframe shows after the frames that lead it, so those start from an earlier keyframe.
+    while k > 0 and packets[keyframes[k]].pts > pts:
+        k -= 1
+    return keyframes[k] if k >= 0 else 0
+
+
+def _decode_indexed(
+    codec: av.CodecContext, packets: list[av.Packet], timestamps: list[int], targets: list[int]
+) -> dict[int, np.ndarray]:
+    """Decode frames `targets` (sorted, unique presentation indices), skipping GOPs and frames not needed."""
+    wanted = {timestamps[t]: t for t in targets}
+    position_of = {p.pts: i for i, p in enumerate(packets)}
+    keyframes = [i for i, p in enumerate(packets) if p.is_keyframe]
+    skip_unwanted = codec.name in _PER_FRAME_SKIP_DECODERS
+    decoded: dict[int, np.ndarray] = {}
+    last = None
+    position = 0  # next packet to send, in decode order; len(packets) sends the drain
+    for t in targets:
+        if t in decoded:
+            continue
+        start = _gop_start(packets, keyframes, position_of[timestamps[t]], timestamps[t])
+        if start > position:  # the target's GOP lies ahead: drop the decoder's state and jump to it
+            codec.flush_buffers()
+            position = start
+        while t not in decoded and position <= len(packets):
+            packet = packets[position] if position < len(packets) else None
+            if skip_unwanted:  # frames no other frame refers to are decoded only when asked for: ~1.5x on sparse clips
+                codec.skip_frame = "DEFAULT" if packet is None or packet.pts in wanted else "NONREF"
+            for frame in _decode_packet(codec, packet):
+                last = frame
+                if frame.pts in wanted:
+                    decoded[wanted[frame.pts]] = _rgb(frame)
+            position += 1
+        if t not in decoded and last is not None:  # corrupt data: stand in the frame decoded last
+            decoded[t] = _rgb(last)
+    return decoded
+
+
+def _decode_in_order(codec: av.CodecContext, packets: list[av.Packet], targets: list[int]) -> dict[int, np.ndarray]:
+    """Fallback for streams without usable timestamps: count frames as they come out, up to the last target."""
+    wanted = set(targets)
+    decoded: dict[int, np.ndarray] = {}
+    count, last = 0, None
+    for packet in [*packets, None]:
+        for frame in _decode_packet(codec, packet):
+            if count in wanted:
+                decoded[count] = _rgb(frame)
+            count, last = count + 1, frame
+        if count > targets[-1]:
+            break
+    missing = wanted.difference(decoded)
+    if missing and last is not None:  # targets past the frames that decoded are clamped to the last one
+        decoded.update(dict.fromkeys(missing, _rgb(last)))
+    return decoded
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torchcodec
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _torchcodec_problem() -> str | None:
+    """None when torchcodec can decode video here, else why not."""
+    try:
+        import torchcodec
+        from torchcodec.decoders import VideoDecoder  # noqa: F401
+    except (ImportError, OSError, RuntimeError) as error:
+        return f"cannot import torchcodec ({error})"
+    # torchcodec imports without FFmpeg and only fails at decode time; it records the FFmpeg it loaded.
+    if getattr(torchcodec, "ffmpeg_major_version", 0) is None:
+        return "torchcodec found no usable FFmpeg shared libraries (libavcodec etc.; apt-get install ffmpeg)"
+    return None
+
+
+def _torchcodec_decoder(path: str):
+    from torchcodec.decoders import VideoDecoder
+
+    # "exact" scans the packets once (like the PyAV path), so the frame count is what the file holds.
+    return VideoDecoder(path, seek_mode="exact", num_ffmpeg_threads=1, dimension_order="NHWC")
+
+
+# torchcodec fails a whole request when one packet is bad. Its frames are bit-identical to PyAV's (tests check
+# this), so such files go to the PyAV reader, which clamps to the frames that decode or names the problem.
+_TORCHCODEC_ERRORS = (RuntimeError, ValueError, IndexError)
+
+
+def _probe_torchcodec(path: str) -> VideoInfo:
+    try:
+        metadata = _torchcodec_decoder(path).metadata
+    except _TORCHCODEC_ERRORS:
+        return _probe_pyav(path)
+    if not metadata.num_frames:
+        return _probe_pyav(path)
+    fps = metadata.average_fps_from_header or metadata.average_fps  # the header's rate, as PyAV reports it
+    return VideoInfo(metadata.num_frames, float(fps), metadata.height, metadata.width)
+
+
+def _read_torchcodec(path: str, indices: list[int]) -> torch.Tensor:
+    try:
+        decoder = _torchcodec_decoder(path)
+        num_frames = decoder.metadata.num_frames
+        if not num_frames:
+            return _read_pyav(path, indices)
+        frames = decoder.get_frames_at(_clamp(indices, num_frames)).data  # (T, H, W, C)
+    except _TORCHCODEC_ERRORS:
+        return _read_pyav(path, indices)
+    return frames.permute(0, 3, 1, 2)  # (T, H, W, C) -> (T, C, H, W)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# JPEG frame folders
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _list_frame_files(folder: str) -> list[str]:
+    """JPEG files of a frame folder ordered by the frame number that ends their name."""
+    try:
+        names = os.listdir(folder)
+    except OSError as error:
+        raise VideoReadError(f"{folder}: cannot list the frame folder ({error})") from error
+    numbered = []
+    for name in names:
+        match = _FRAME_FILE.search(name)
+        if match and not name.startswith("."):  # skips "._frame_00001.jpg" files that macOS copies leave
+            numbered.append((int(match.group(1)), name))
+    if not numbered:
+        raise VideoReadError(f"{folder}: no numbered JPEG frames (expected e.g. frame_00001.jpg or <id>-000001.jpg)")
+    numbered.sort()
+    return [os.path.join(folder, name) for _, name in numbered]
+
+
+def _jpeg_size(path: str) -> tuple[int, int]:
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except OSError as error:
+        raise VideoReadError(f"{path}: cannot read JPEG header ({error})") from error
+
+
+def _draft_size(size: tuple[int, int], min_short_side: int) -> tuple[int, int]:
+    """The size to ask Image.draft for: the frame scaled so that its short side is min_short_side (rounded up)."""
+    width, height = size
+    short = min(width, height)
+    return -(-width * min_short_side // short), -(-height * min_short_side // short)
+
+
+def _decode_jpeg(path: str, min_short_side: int | None) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            if min_short_side is not None and min(image.size) >= 2 * min_short_side:
+                # DCT scaling by 1/2, 1/4 or 1/8: Pillow keeps both sides >= the requested size.
+                image.draft("RGB", _draft_size(image.size, min_short_side))
+            return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))  # (H, W, 3)
+    except (OSError, SyntaxError, ValueError) as error:
+        raise VideoReadError(f"{path}: cannot decode JPEG ({error})") from error
+
+
+def _read_folder(folder: str, indices: list[int], min_short_side: int | None) -> torch.Tensor:
+    files = _list_frame_files(folder)
+    indices = _clamp(indices, len(files))
+    decoded = {i: _decode_jpeg(files[i], min_short_side) for i in set(indices)}
+    return _stack_hwc(folder, [decoded[i] for i in indices])
