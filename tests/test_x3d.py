@@ -1,0 +1,303 @@
+"""X3D family: shapes, parameter counts and FLOPs per variant; sub-batch BN; Swish; init; channels_last; configs."""
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from x3d import (
+    MODELS,
+    SubBatchNorm3d,
+    Swish,
+    aggregate_sub_bn_stats,
+    build_model,
+    build_model_from_cfg,
+    default_input,
+    set_bn_splits,
+)
+
+# Exact parameter counts (400 classes) and multiply-add GFLOPs of one clip at the training input (DESIGN section 3).
+PARAMS = {"x3d_xs": 3_794_322, "x3d_s": 3_794_322, "x3d_m": 3_794_322, "x3d_l": 6_153_432, "x3d_xl": 11_095_904}
+GFLOPS = {"x3d_xs": 0.60, "x3d_s": 1.96, "x3d_m": 4.73, "x3d_l": 18.37}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The tensors here are tiny: extra threads only add synchronisation, and on a loaded machine spinning OpenMP
+    # threads slow every op down many times over.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def gmacs(name: str, frames: int, crop: int) -> float:
+    """Multiply-adds of one clip, counted on the meta device (no memory, no compute)."""
+    with torch.device("meta"):
+        model = build_model(name).eval()
+        clip = torch.empty(1, 3, frames, crop, crop)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(clip)
+    return counter.get_total_flops() / 2 / 1e9
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Every registered variant
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(MODELS))
+def test_variant_forward_backward_and_params(name):
+    torch.manual_seed(0)
+    model = build_model(name)
+    assert sum(p.numel() for p in model.parameters()) == PARAMS[name]
+    assert model.cfg.name == name and model.cfg.num_classes == 400
+    clips = torch.randn(2, 3, 4, 64, 64)
+    logits = model(clips)
+    assert logits.shape == (2, 400)
+    F.cross_entropy(logits, torch.tensor([1, 7])).backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.head.classifier.weight.grad.abs().sum() > 0
+    assert model.stages[3][0].bn_c.weight.grad.abs().sum() > 0  # zero-init gamma still learns
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_variant_head_shapes(name):
+    with torch.device("meta"):
+        clip_model = build_model(name, num_classes=7)
+        frame_model = build_model(name, num_classes=7, head="frame")
+        clips = torch.empty(3, 3, 5, 96, 64)
+    assert clip_model(clips).shape == (3, 7)
+    assert frame_model(clips).shape == (3, 7, 5)
+    assert clip_model.forward_features(clips).shape[2:] == (5, 3, 2)  # T kept, H and W / 32
+    assert clip_model.state_dict().keys() == frame_model.state_dict().keys()  # both heads load the same weights
+
+
+@pytest.mark.parametrize("name", list(GFLOPS))
+def test_gflops_at_training_input(name):
+    spec = default_input(name)
+    measured = gmacs(name, spec["frames"], spec["train_crop"])
+    assert measured == pytest.approx(GFLOPS[name], rel=0.01)
+
+
+def test_xl_matches_paper_cost_at_test_crop():
+    # The paper gives 48.4 GFLOPs per 16x356² view for X3D-XL; multiple-of-8 rounding of the widths reproduces it.
+    assert gmacs("x3d_xl", 16, 356) == pytest.approx(48.4, rel=0.01)
+
+
+def test_default_inputs_and_unknown_name():
+    assert default_input("x3d_xs") == dict(frames=4, sampling_rate=12, train_crop=160, train_jitter=(182, 228),
+                                           test_crop=182)
+    assert default_input("x3d_s")["frames"] == 13 and default_input("x3d_s")["sampling_rate"] == 6
+    assert default_input("x3d_m") == dict(frames=16, sampling_rate=5, train_crop=224, train_jitter=(256, 320),
+                                          test_crop=256)
+    assert default_input("x3d_l")["train_crop"] == 312 and default_input("x3d_xl")["test_crop"] == 356
+    with pytest.raises(ValueError, match="unknown model 'x3d_q'"):
+        build_model("x3d_q")
+
+
+def test_config_round_trip_through_json():
+    model = build_model("x3d_s", num_classes=9, dropout=0.3, head="frame")
+    cfg = json.loads(json.dumps(dataclasses.asdict(model.cfg)))  # what a log or checkpoint keeps
+    rebuilt = build_model_from_cfg(cfg)
+    assert rebuilt.cfg == model.cfg
+    assert rebuilt.head.dropout.p == 0.3 and rebuilt.head.per_frame
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert build_model_from_cfg({"name": "x3d_l", "num_classes": 3}).cfg.depth_factor == 5.0
+    with pytest.raises(ValueError, match="unknown fields"):
+        build_model_from_cfg({**cfg, "bn_splits": 4})
+
+
+def test_initialisation():
+    model = build_model("x3d_xs")
+    for stage in model.stages:
+        for block in stage:
+            assert (block.bn_c.weight == 0).all() and (block.bn_a.weight == 1).all() and (block.bn_c.bias == 0).all()
+    assert (model.stem.bn.weight == 1).all() and (model.stages[0][0].shortcut_bn.weight == 1).all()
+    assert model.head.classifier.weight.std().item() == pytest.approx(0.01, rel=0.05)
+    conv = model.stages[2][1].conv_a.weight  # Kaiming fan_out: std = sqrt(2 / out_channels)
+    assert conv.std().item() == pytest.approx((2 / conv.shape[0]) ** 0.5, rel=0.05)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Swish
+# ----------------------------------------------------------------------------------------------------------------------
+def test_swish_values_gradient_and_saved_memory():
+    x = torch.randn(4, 5, dtype=torch.double, requires_grad=True)
+    assert torch.allclose(Swish()(x), x * torch.sigmoid(x))
+    assert torch.autograd.gradcheck(Swish(), (x,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        Swish()(x.float())
+    assert len(saved) == 1  # only the input; x * sigmoid(x) through autograd would also keep sigmoid(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sub-batch BatchNorm
+# ----------------------------------------------------------------------------------------------------------------------
+def _random_affine(bn: nn.BatchNorm3d) -> None:
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.normal_()
+
+
+@pytest.mark.parametrize(("channels_last", "momentum"), [(False, 0.1), (True, 0.1), (False, None)])
+def test_sub_bn_training_equals_independent_bn_per_group(channels_last, momentum):
+    # momentum=None is the cumulative average that precise BN uses
+    torch.manual_seed(0)
+    k, channels = 4, 6
+    bn = SubBatchNorm3d(channels, num_splits=k, momentum=momentum)
+    _random_affine(bn)
+    groups = [nn.BatchNorm3d(channels, momentum=momentum) for _ in range(k)]
+    for g in groups:
+        g.load_state_dict(bn.state_dict())  # plain BN keys
+    for _ in range(3):
+        x = torch.randn(8, channels, 2, 3, 3) * torch.arange(1.0, 9.0).view(8, 1, 1, 1, 1) + 1
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        out = bn(x)
+        for g in range(k):  # sample i belongs to group i mod k
+            torch.testing.assert_close(out[g::k], groups[g](x[g::k]))
+    if channels_last:
+        assert out.is_contiguous(memory_format=torch.channels_last_3d)
+
+    bn.eval()  # folds the group statistics: law of total variance
+    means = torch.stack([g.running_mean for g in groups])
+    variances = torch.stack([g.running_var for g in groups])
+    mean = means.mean(0)
+    var = variances.mean(0) + (means - mean).square().mean(0)
+    torch.testing.assert_close(bn.running_mean, mean)
+    torch.testing.assert_close(bn.running_var, var)
+    x = torch.randn(3, channels, 2, 3, 3)
+    torch.testing.assert_close(bn(x), F.batch_norm(x, mean, var, bn.weight, bn.bias, False, 0.0, bn.eps))
+
+
+def test_sub_bn_with_one_split_is_batchnorm3d():
+    torch.manual_seed(0)
+    ours, ref = SubBatchNorm3d(5), nn.BatchNorm3d(5)
+    _random_affine(ours)
+    ref.load_state_dict(ours.state_dict())
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    for _ in range(3):
+        x = torch.randn(6, 5, 2, 4, 4) * 2 + 0.5
+        torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
+    ours.eval(), ref.eval()
+    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_sub_bn_batch_not_divisible_by_splits():
+    bn = SubBatchNorm3d(3, num_splits=4)
+    with pytest.raises(ValueError, match="batch of 6 clips cannot be split into 4 equal groups"):
+        bn(torch.randn(6, 3, 1, 2, 2))
+    bn.eval()
+    assert bn(torch.randn(6, 3, 1, 2, 2)).shape == (6, 3, 1, 2, 2)  # eval uses the pooled statistics, any batch
+
+
+def test_sub_bn_state_dict_is_plain_and_never_stale():
+    torch.manual_seed(0)
+    model = build_model("x3d_xs", num_classes=5, bn_splits=4)
+    assert model.state_dict().keys() == build_model("x3d_xs", num_classes=5).state_dict().keys()
+    assert not any("split" in key for key in model.state_dict())
+    model(torch.randn(8, 3, 2, 32, 32))
+    bn = model.stages[1][0].bn_b
+    means = bn.split_mean.view(4, -1).clone()
+    variances = bn.split_var.view(4, -1).clone()
+    saved = model.state_dict()  # mid-training checkpoint: must hold the folded statistics
+    torch.testing.assert_close(saved["stages.1.0.bn_b.running_mean"], means.mean(0))
+    torch.testing.assert_close(saved["stages.1.0.bn_b.running_var"],
+                               variances.mean(0) + (means - means.mean(0)).square().mean(0))
+    assert not torch.equal(saved["stem.bn.running_mean"], torch.zeros(24))
+    assert aggregate_sub_bn_stats(model) == len([m for m in model.modules() if isinstance(m, nn.BatchNorm3d)])
+
+
+def test_set_bn_splits_keeps_parameters_and_statistics():
+    torch.manual_seed(0)
+    model = build_model("x3d_xs", num_classes=5, bn_splits=4)
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    model(torch.randn(8, 3, 2, 32, 32)).sum().backward()
+    optimizer.step()
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    set_bn_splits(model, 2)
+    assert all(a is b for a, b in zip(params, model.parameters()))
+    assert model.stem.bn.num_splits == 2 and model.stem.bn.split_mean.shape == (48,)
+    for key, value in model.state_dict().items():  # carried over: the aggregate of tiled statistics is unchanged
+        torch.testing.assert_close(value, before[key])
+    model.train()
+    optimizer.zero_grad()
+    model(torch.randn(2, 3, 2, 32, 32)).sum().backward()  # 2 clips now split into 2 groups
+    optimizer.step()
+    set_bn_splits(model, 1)
+    assert model.stem.bn.split_mean is None
+    model(torch.randn(3, 3, 2, 32, 32))
+
+
+def test_trained_with_four_splits_reloads_with_one(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("x3d_xs", num_classes=6, bn_splits=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(3):
+        clips, labels = torch.randn(8, 3, 4, 32, 32), torch.randint(0, 6, (8,))
+        optimizer.zero_grad()
+        F.cross_entropy(model(clips), labels).backward()
+        optimizer.step()
+    torch.save(model.state_dict(), tmp_path / "w.pt")  # saved while still in training mode
+    model.eval()
+    clips = torch.randn(3, 3, 4, 32, 32)
+    with torch.no_grad():
+        expected = model(clips)
+    assert expected.std(0).mean() > 1e-4  # predictions differ between clips (stale statistics make them collapse)
+
+    reloaded = build_model("x3d_xs", num_classes=6)
+    reloaded.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(clips), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(clips), expected, rtol=0, atol=0)  # saving changed nothing
+
+
+def test_resumed_model_continues_exactly_like_uninterrupted_one():
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 3, 2, 32, 32), torch.randint(0, 5, (4,))) for _ in range(4)]
+
+    def train(model, optimizer, steps):
+        for clips, labels in steps:
+            optimizer.zero_grad()
+            F.cross_entropy(model(clips), labels).backward()
+            optimizer.step()
+
+    model = build_model("x3d_xs", num_classes=5, dropout=0.0, bn_splits=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    train(model, optimizer, batches[:2])
+    checkpoint = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})  # as on disk
+    resumed = build_model("x3d_xs", num_classes=5, dropout=0.0, bn_splits=2)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_optimizer = torch.optim.SGD(resumed.parameters(), lr=0.05, momentum=0.9)
+    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    train(model, optimizer, batches[2:])
+    train(resumed, resumed_optimizer, batches[2:])
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_channels_last_model_equals_contiguous():
+    torch.manual_seed(0)
+    model = build_model("x3d_xs", num_classes=5, bn_splits=2)
+    clips = torch.randn(4, 3, 4, 64, 64)
+    cl_model = build_model("x3d_xs", num_classes=5, bn_splits=2).to(memory_format=torch.channels_last_3d)
+    cl_model.load_state_dict(model.state_dict())
+    torch.manual_seed(1)
+    train_out = model(clips)
+    torch.manual_seed(1)  # same dropout mask
+    cl_train_out = cl_model(clips.contiguous(memory_format=torch.channels_last_3d))
+    torch.testing.assert_close(cl_train_out, train_out, rtol=1e-4, atol=1e-5)
+    model.eval(), cl_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(cl_model(clips.contiguous(memory_format=torch.channels_last_3d)), model(clips),
+                                   rtol=1e-4, atol=1e-5)
