@@ -1,0 +1,162 @@
+"""engine.py: DDP training step equals single-process, multi-view evaluation is independent of the process count,
+precise BN computes population statistics."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+import engine
+from x3d import build_model, set_bn_splits
+
+CLIP = (3, 4, 32, 32)  # (C, T, H, W): small enough for a fast CPU test, big enough for every stage
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_ranks(fn, world: int, *args) -> None:
+    port = _free_port()
+    mp.start_processes(fn, args=(world, port, *args), nprocs=world, start_method="fork", join=True)
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+
+
+def _small_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model("x3d_xs", num_classes=5, dropout=0.0)
+    for m in model.modules():  # non-zero final BN gammas so every layer gets a gradient
+        if isinstance(m, nn.BatchNorm3d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DDP gradients: two gloo processes on halves of a batch == one process on the whole batch
+# ----------------------------------------------------------------------------------------------------------------------
+def _ddp_grads(rank, world, port, clips, labels, out_dir):
+    _init(rank, world, port)
+    model = _small_model().double()
+    net = DistributedDataParallel(model, broadcast_buffers=False)
+    # Rank r takes samples r, r + world, ...: with sub-batch BN split k = world in the single process, each rank's
+    # batch is exactly one BN group there, so the two computations are the same.
+    loss = F.cross_entropy(net(clips[rank::world]), labels[rank::world])
+    loss.backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.named_parameters()}, os.path.join(out_dir, "grads.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_process_ddp_gradients_equal_single_process(tmp_path):
+    torch.manual_seed(1)
+    # float64 so that summation order (per-rank vs whole batch) cannot hide or fake a difference
+    clips, labels = torch.randn(8, *CLIP, dtype=torch.float64), torch.randint(0, 5, (8,))
+    _run_ranks(_ddp_grads, 2, clips, labels, str(tmp_path))
+    ddp = torch.load(tmp_path / "grads.pt")
+
+    model = _small_model().double()
+    set_bn_splits(model, 2)
+    F.cross_entropy(model(clips), labels).backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(ddp[name], p.grad, rtol=1e-7, atol=1e-10), name
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation: the same video scores with 1 and 2 processes, every view counted once
+# ----------------------------------------------------------------------------------------------------------------------
+class ViewSet(Dataset):
+    """7 videos × 3 views of random clips; item -> (clip, label, video index, view index)."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(3)
+        self.clips = torch.randn(21, *CLIP, generator=g)
+
+    def __len__(self):
+        return 21
+
+    def __getitem__(self, i):
+        return self.clips[i], (i // 3) % 5, i // 3, i % 3
+
+
+def _eval(rank, world, port, out_dir):
+    if world > 1:
+        _init(rank, world, port)
+    model = _small_model().eval()
+    data = ViewSet()
+    loader = DataLoader(data, batch_size=4, sampler=range(rank, len(data), world))
+    scores, targets, counts = engine.predict_videos(model, loader, 7, 5, torch.device("cpu"), progress=False)
+    if rank == 0:
+        torch.save((scores, targets, counts), os.path.join(out_dir, f"eval{world}.pt"))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_evaluation_with_two_processes_equals_one(tmp_path):
+    _eval(0, 1, 0, str(tmp_path))
+    _run_ranks(_eval, 2, str(tmp_path))
+    one, two = torch.load(tmp_path / "eval1.pt"), torch.load(tmp_path / "eval2.pt")
+    assert torch.equal(one[2], torch.full((7,), 3.0, dtype=torch.float64)) and torch.equal(one[2], two[2])
+    assert torch.equal(one[1], two[1]) and one[1].tolist() == [v % 5 for v in range(7)]
+    assert torch.allclose(one[0], two[0], atol=1e-6)
+    # mean softmax over each video's 3 views, computed directly
+    model = _small_model().eval()
+    with torch.no_grad():
+        probs = model(ViewSet().clips).softmax(1).view(7, 3, 5).mean(1)
+    assert torch.allclose(one[0], probs, atol=1e-5)
+
+
+def test_topk_accuracy():
+    scores = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5]])
+    acc = engine.topk_accuracy(scores, torch.tensor([1, 1, 0]), ks=(1, 2))
+    assert acc[1] == pytest.approx(100 / 3) and acc[2] == pytest.approx(200 / 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Precise BN
+# ----------------------------------------------------------------------------------------------------------------------
+def test_precise_bn_gives_population_statistics():
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 3, 2, 5, 5) * (i + 1) + i, torch.zeros(4, dtype=torch.long)) for i in range(5)]
+    bn = nn.BatchNorm3d(3, momentum=0.1)
+    model = nn.Sequential(bn)
+    used = engine.precise_bn(model, batches, num_batches=5, device=torch.device("cpu"))
+    assert used == 5 and bn.momentum == 0.1 and not bn.training
+    # The exact average of the per-batch means and unbiased variances (what fvcore's precise BN computes).
+    means = torch.stack([x.mean((0, 2, 3, 4)) for x, _ in batches])
+    variances = torch.stack([x.transpose(0, 1).reshape(3, -1).var(1) for x, _ in batches])
+    assert torch.allclose(bn.running_mean, means.mean(0), atol=1e-5)
+    assert torch.allclose(bn.running_var, variances.mean(0), atol=1e-4)
+
+
+def test_non_finite_loss_stops_with_the_iteration():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 32 * 32, 5))
+    with torch.no_grad():
+        model[1].weight.fill_(float("nan"))
+    loader = [(torch.randn(2, *CLIP), torch.zeros(2, dtype=torch.long))] * 3
+    opt = engine.build_optimizer(model, lr=0.1, weight_decay=0.0)
+    with pytest.raises(engine.NonFiniteLossError, match="epoch 2, iteration 5"):
+        engine.train_one_epoch(model, loader, opt, F.cross_entropy, epoch=2, num_iters=8, lr_at=lambda e: 0.1,
+                               device=torch.device("cpu"), seed=0, start_iter=5, progress=False)
+
+
+def test_optimizer_excludes_bn_and_bias_from_weight_decay():
+    model = _small_model()
+    decay, no_decay = engine.build_optimizer(model, lr=0.1, weight_decay=5e-5).param_groups
+    assert decay["weight_decay"] == 5e-5 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    bn_params = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm3d) for p in m.parameters()}
+    assert bn_params <= {id(p) for p in no_decay["params"]}
