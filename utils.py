@@ -86,8 +86,13 @@ def launch(args: argparse.Namespace, main: Callable[[argparse.Namespace], object
         return
     from torch.distributed import run as torchrun
 
-    # Same script, same flags: the workers see RANK and therefore run main() directly.
-    torchrun.main(["--standalone", f"--nproc-per-node={nproc}", sys.argv[0], *sys.argv[1:]])
+    # Same script, same flags but --nproc (torchrun's parser would take it for its own --nproc-per-node); the workers
+    # see RANK and therefore run main() directly.
+    argv = [a for a in sys.argv[1:] if not a.startswith("--nproc=")]
+    if "--nproc" in argv:
+        i = argv.index("--nproc")
+        del argv[i:i + 2]
+    torchrun.main(["--standalone", f"--nproc-per-node={nproc}", sys.argv[0], *argv])
 
 
 def init_distributed() -> torch.device:
@@ -190,3 +195,34 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--tensorboard", action="store_true", help="Also write TensorBoard scalars to <run>/tb.")
     g.add_argument("--no-progress", action="store_true", help="Disable the progress bar (e.g. for log files).")
     return parser
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run folder's checkpoints: the latest, and the one before it in case the latest is damaged
+# ----------------------------------------------------------------------------------------------------------------------
+def save_run_checkpoint(obj: dict, run_dir: str | os.PathLike) -> Path:
+    """Write `<run>/checkpoint.pt` atomically, first moving the one it replaces to `checkpoint_prev.pt`."""
+    latest, previous = Path(run_dir) / "checkpoint.pt", Path(run_dir) / "checkpoint_prev.pt"
+    if latest.exists():
+        os.replace(latest, previous)  # a kill right after this leaves checkpoint_prev.pt to resume from
+    save_checkpoint(obj, latest)
+    return latest
+
+
+def load_run_checkpoint(run_dir: str | os.PathLike,
+                        explicit: str | os.PathLike | None = None) -> tuple[dict, Path] | None:
+    """The checkpoint to resume from: `explicit` if given, else the run folder's latest readable one, else None.
+
+    A damaged latest file is reported (path and reason) and the previous checkpoint is used instead.
+    """
+    if explicit is not None:
+        return load_checkpoint_file(explicit), Path(explicit)
+    candidates = [p for p in (Path(run_dir) / "checkpoint.pt", Path(run_dir) / "checkpoint_prev.pt") if p.exists()]
+    for i, path in enumerate(candidates):
+        try:
+            return load_checkpoint_file(path), path
+        except CheckpointError as e:
+            if i + 1 == len(candidates):
+                raise
+            print(f"warning: {e}; resuming from the previous checkpoint {candidates[i + 1]} instead", file=sys.stderr)
+    return None

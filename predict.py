@@ -1,0 +1,82 @@
+"""Top-5 classes of one video with the 30-view protocol (10 clips × 3 crops, mean softmax).
+
+    python predict.py some_video.mp4 --checkpoint models/x3d_m_kinetics.pt
+    python predict.py clip.mp4 --checkpoint logs/x3d_xs_demo/checkpoint.pt --labels data/demo/kinetics/labels.txt
+
+The checkpoint may be this project's or any format tools/convert_checkpoint.py reads (FAIR's PySlowFast and
+PyTorchVideo files, the original X3D-Multigrid files). Class names come from --labels (one per line), else from the
+checkpoint, else they are printed as indices.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+import engine
+from checkpoints import convert_checkpoint
+from kinetics_multigrid import KineticsDataset, Video
+from utils import load_checkpoint_file
+from x3d import build_model_from_cfg
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Command-line flags."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("video", help="A video file (.mp4, .webm, .mkv, .avi) or a folder of JPEG frames.")
+    p.add_argument("--checkpoint", required=True, help="Weights to use (any supported checkpoint format).")
+    p.add_argument("--labels", default=None, help="Class names, one per line in class-index order.")
+    p.add_argument("--model", default=None,
+                   help="Variant for external weights that do not say (XS, S and M share weight shapes).")
+    p.add_argument("--views", type=int, default=10, help="Temporal clips, uniformly spaced over the video.")
+    p.add_argument("--crops", type=int, default=3, choices=[1, 3], help="Spatial crops per clip.")
+    p.add_argument("--topk", type=int, default=5, help="How many classes to print.")
+    p.add_argument("--backend", default="auto", choices=["auto", "pyav", "torchcodec"], help="Video decoder.")
+    return p
+
+
+def class_names(args: argparse.Namespace, num_classes: int) -> list[str]:
+    """--labels, else the names stored in a checkpoint of this project, else indices."""
+    if args.labels:
+        names = [line.strip() for line in Path(args.labels).read_text().splitlines() if line.strip()]
+        if len(names) != num_classes:
+            raise SystemExit(f"{args.labels}: {len(names)} class names, but the model has {num_classes} classes")
+        return names
+    stored = load_checkpoint_file(args.checkpoint).get("classes")
+    if isinstance(stored, list) and len(stored) == num_classes:
+        return stored
+    return [f"class {i}" for i in range(num_classes)]
+
+
+def main(args: argparse.Namespace) -> list[tuple[str, float]]:
+    converted, notes = convert_checkpoint(args.checkpoint, model=args.model)
+    model = build_model_from_cfg(converted["model_cfg"])
+    model.load_state_dict(converted["model"])
+    cfg = model.cfg
+    names = class_names(args, cfg.num_classes)
+
+    # One video in test mode: item i is (temporal view i // crops, spatial crop i % crops).
+    dataset = KineticsDataset([Video(str(args.video), 0)], names, mode="test", frames=cfg.frames,
+                              sampling_rate=cfg.sampling_rate, train_crop=cfg.train_crop,
+                              train_jitter=tuple(cfg.train_jitter), test_crop=cfg.test_crop,
+                              num_temporal_views=args.views, num_spatial_crops=args.crops, backend=args.backend,
+                              max_failure_fraction=1.0)
+    loader = DataLoader(dataset, batch_size=args.crops)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).to(memory_format=torch.channels_last_3d)
+    scores, _, counts = engine.predict_videos(model, loader, 1, cfg.num_classes, device, progress=False)
+    if counts[0] == 0:
+        raise SystemExit(f"{args.video}: could not be decoded")
+    top = scores[0].topk(min(args.topk, cfg.num_classes))
+    result = [(names[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist())]
+    print(f"{args.video}  ({cfg.name}, {int(counts[0])} views; {notes[0]})")
+    for name, p in result:
+        print(f"  {p:7.2%}  {name}")
+    return result
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
