@@ -130,6 +130,7 @@ def train_one_epoch(
         "lr": lr_at(epoch + 1 - 1e-9),
         "clips_per_s": meters["clips"] / max(elapsed, 1e-9),
         "data_wait": meters["wait"] / max(elapsed, 1e-9),
+        "seconds": elapsed,
         "iters": meters["iters"],
     }
 

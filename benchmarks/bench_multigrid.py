@@ -1,0 +1,92 @@
+"""Multigrid vs the fixed-shape recipe: the same model, data and epoch budget, side by side in one run.
+
+    python benchmarks/bench_multigrid.py                      # demo data (generated if missing), X3D-XS, CPU
+    python benchmarks/bench_multigrid.py --epochs 6 --quick   # a shorter run
+
+The fixed-shape recipe trains N epochs at the base shape; multigrid derives its schedule from the same N (stretched by
+the epoch factor, as the paper does). Each recipe runs as its own process through train_x3d_kinetics_multigrid.py and
+is evaluated with the same multi-view test. Printed: wall-clock, iterations, clips seen, test top-1/top-5, the
+speed-up, and the data-wait share (time the training loop waited for batches) per multigrid shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# The demo's input: X3D-XS at 8 frames × 56 px (demo videos are 128 px on the short side).
+DEMO_INPUT = ["--model", "x3d_xs", "--frames", "8", "--sampling-rate", "4", "--crop", "56", "--jitter", "64", "80",
+              "--test-crop", "64"]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Command-line flags."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", default="data/demo/kinetics", help="Kinetics-layout data (demo data by default).")
+    p.add_argument("--out", default="logs/bench_multigrid", help="Folder for the two runs.")
+    p.add_argument("--epochs", type=int, default=12, help="Epochs of the fixed-shape recipe (N).")
+    p.add_argument("--batch-size", type=int, default=8, help="Clips per iteration at the base shape.")
+    p.add_argument("--lr", type=float, default=0.1, help="LR at the base shape (both recipes).")
+    p.add_argument("--workers", type=int, default=2, help="Data-loading processes.")
+    p.add_argument("--test-views", type=int, default=10, help="Temporal views of the final test (× 3 crops).")
+    p.add_argument("--quick", action="store_true", help="Fewer test views, for a fast look.")
+    return p
+
+
+def run_recipe(args: argparse.Namespace, name: str, multigrid: str) -> dict:
+    """Train one recipe from scratch in its own process; returns its wall-clock and final log lines."""
+    run_dir = Path(args.out) / name
+    if run_dir.exists():
+        for f in run_dir.iterdir():  # always from scratch: a leftover checkpoint would resume
+            f.unlink()
+    views = "2" if args.quick else str(args.test_views)
+    cmd = [sys.executable, str(ROOT / "train_x3d_kinetics_multigrid.py"), "--data-root", args.data_root,
+           "--output-dir", str(run_dir), *DEMO_INPUT, "--batch-size", str(args.batch_size), "--epochs",
+           str(args.epochs), "--warmup-epochs", "1", "--lr", str(args.lr), "--multigrid", multigrid,
+           "--workers", str(args.workers), "--eval-every", "1000", "--precise-bn-batches", "20",
+           "--test-views", views, "--no-progress"]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    wall = time.perf_counter() - start
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return {"name": name, "wall": wall, "epochs": [r for r in log if "train_loss" in r], "test": log[-1]}
+
+
+def data_wait_by_shape(epochs: list[dict]) -> dict[str, float]:
+    """Time-weighted share of the training loop spent waiting for data, per long-cycle shape."""
+    waited, total = defaultdict(float), defaultdict(float)
+    for r in epochs:
+        waited[r["shape"]] += r["train_data_wait"] * r["train_seconds"]
+        total[r["shape"]] += r["train_seconds"]
+    return {shape: waited[shape] / total[shape] for shape in total if total[shape] > 0}
+
+
+def main(args: argparse.Namespace) -> None:
+    if not (Path(args.data_root) / "annotations").exists():
+        subprocess.run([sys.executable, str(ROOT / "tools/make_demo_data.py"), "--out",
+                        str(Path(args.data_root).parent), "--datasets", "kinetics"], check=True, cwd=ROOT)
+    results = [run_recipe(args, "fixed", "none"), run_recipe(args, "multigrid", "both")]
+    base = results[0]["wall"]
+    print("\n| recipe | epochs | iterations | wall-clock | speed-up | test top-1 | test top-5 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        iters = sum(e["train_iters"] for e in r["epochs"])
+        t = r["test"]
+        print(f"| {r['name']} | {len(r['epochs'])} | {iters} | {r['wall'] / 60:.1f} min | {base / r['wall']:.2f}× | "
+              f"{t['test_top1']:.1f} | {t['test_top5']:.1f} |")
+    print(f"\n({results[0]['test']['test_videos']} test videos × {results[0]['test']['test_views']} views; "
+          f"{args.epochs} base epochs, batch {args.batch_size}, {' '.join(DEMO_INPUT)})")
+    print("\n| multigrid shape (T x crop) | data-wait share |")
+    print("|---|---:|")
+    for shape, share in data_wait_by_shape(results[1]["epochs"]).items():
+        print(f"| {shape} | {100 * share:.1f}% |")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
