@@ -338,7 +338,7 @@ class VideoClipDataset(Dataset):
                  train_crop: int = 224, train_jitter: tuple[int, int] = (256, 320), test_crop: int = 256,
                  num_temporal_views: int = 10, num_spatial_crops: int = 3, backend: str = "auto",
                  max_failure_fraction: float = 0.1, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD,
-                 frame_fps: float = TARGET_FPS) -> None:
+                 frame_fps: float = TARGET_FPS, flip_prob: float = 0.5) -> None:
         if mode not in ("train", "test"):
             raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
         if num_spatial_crops not in (1, 3):
@@ -350,6 +350,7 @@ class VideoClipDataset(Dataset):
         self.train_crop, self.train_jitter, self.test_crop = train_crop, tuple(train_jitter), test_crop
         self.num_temporal_views, self.num_spatial_crops = num_temporal_views, num_spatial_crops
         self.backend, self.mean, self.std, self.frame_fps = backend, tuple(mean), tuple(std), frame_fps
+        self.flip_prob = flip_prob
         self.failures = FailureTracker(self.paths, max_failure_fraction)
         self._infos: dict[int, VideoInfo] = {}
         self._test_cache: tuple[int, torch.Tensor | None, list[list[int]], float] | None = None
@@ -423,7 +424,7 @@ class VideoClipDataset(Dataset):
         # Drawing the short side before decoding lets JPEG frames decode at the smallest size that still covers it.
         side = _randint(low, high, generator)
         frames = read_frames(self.paths[spec.index], indices, backend=self.backend, min_short_side=side)
-        clip = train_clip(frames, spec.crop, (side, side), generator, self.mean, self.std)
+        clip = train_clip(frames, spec.crop, (side, side), generator, self.mean, self.std, self.flip_prob)
         return clip, self.target(spec.index, indices, info.fps)
 
     # -- testing -------------------------------------------------------------------------------------------------------

@@ -42,6 +42,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--crop", type=int, help="Training crop at the base shape.")
     g.add_argument("--jitter", type=int, nargs=2, metavar=("MIN", "MAX"), help="Short-side scale jitter range.")
     g.add_argument("--test-crop", type=int, help="Crop of the 3-crop test (short side resized to it).")
+    g.add_argument("--flip-prob", type=float, default=0.5,
+                   help="Probability of a horizontal flip in training; 0 where left and right differ (the demo).")
     g.add_argument("--backend", default="auto", choices=["auto", "pyav", "torchcodec"], help="Video decoder.")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=16,
@@ -96,7 +98,8 @@ def build_datasets(args: argparse.Namespace, spec: dict, test_views: int, test_c
     common = dict(frames=spec["frames"], sampling_rate=spec["sampling_rate"], train_crop=spec["train_crop"],
                   train_jitter=spec["train_jitter"], test_crop=spec["test_crop"], backend=args.backend,
                   max_failure_fraction=args.max_failure_fraction)
-    train_set = None if args.eval else build_kinetics(args.data_root, "train", mode="train", **common)
+    train_set = None if args.eval else build_kinetics(args.data_root, "train", mode="train",
+                                                      flip_prob=args.flip_prob, **common)
     val_set = build_kinetics(args.data_root, "val", mode="test", num_temporal_views=test_views,
                              num_spatial_crops=test_crops, **common)
     return train_set, val_set

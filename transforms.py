@@ -99,13 +99,17 @@ def train_clip(
     generator: torch.Generator | None = None,
     mean: tuple[float, ...] = MEAN,
     std: tuple[float, ...] = STD,
+    flip_prob: float = 0.5,
 ) -> torch.Tensor:
-    """Training augmentation of uint8 (T, C, H, W): scale jitter -> random crop -> flip -> float (C, T, H, W)."""
+    """Training augmentation of uint8 (T, C, H, W): scale jitter -> random crop -> flip -> float (C, T, H, W).
+
+    `flip_prob=0` for tasks where left and right differ (a flipped "moving left" clip shows "moving right").
+    """
     if jitter[0] < crop or jitter[1] < jitter[0]:
         raise ValueError(f"short-side jitter {tuple(jitter)} must satisfy crop {crop} <= min <= max")
     clip = random_short_side_scale(clip, jitter[0], jitter[1], generator)
     clip = random_crop(clip, crop, generator)
-    clip = random_horizontal_flip(clip, generator=generator)
+    clip = random_horizontal_flip(clip, p=flip_prob, generator=generator)
     return normalize(clip, mean, std)
 
 

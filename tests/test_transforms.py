@@ -170,3 +170,14 @@ def test_test_clip_views():
         assert torch.allclose(view, T.spatial_crop(resized, 30, index).permute(1, 0, 2, 3).float(), atol=1e-4)
     # Channel 2 kept the frame index, so the layout is (C, T, H, W).
     assert torch.allclose(views[0][2], torch.arange(2.0).view(2, 1, 1).expand(2, 30, 30), atol=1e-4)
+
+
+def test_train_clip_flip_probability():
+    from transforms import train_clip as augment
+
+    clip = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    clip[..., 8:] = 255  # dark left half, bright right half
+    for p, bright_right in ((0.0, True), (1.0, False)):
+        for seed in range(10):
+            out = augment(clip, 16, (16, 16), torch.Generator().manual_seed(seed), flip_prob=p)
+            assert (out[..., -1].mean() > out[..., 0].mean()) == bright_right

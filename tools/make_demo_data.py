@@ -1,0 +1,503 @@
+"""Generate small synthetic Kinetics-style and Charades-style data sets in which only motion tells classes apart.
+
+    python tools/make_demo_data.py --out data/demo                      # about 30 s on 2 cores
+    python tools/make_demo_data.py --out data/demo --classes 20 --train-per-class 100 --size 256
+
+Kinetics-style (DIR/kinetics): H.264 mp4 files at 30 fps, one keyframe per second, in the official layout
+    annotations/{train,validate}.csv   label,youtube_id,time_start,time_end,split
+    {train,val}/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4
+    labels.txt                         one class per line, alphabetical (= the class index)
+Each class is a motion: moving left/right/up/down, rotating clockwise/counterclockwise, growing/shrinking (sawtooth,
+so the order of small and large tells them apart), and beyond 8 classes diagonals and combinations of the three.
+
+Charades-style (DIR/charades): JPEG frames at 24 fps in Charades_v1_rgb/<id>/<id>-000001.jpg, the official CSV
+columns with an `actions` column like `c003 1.20 4.50;c007 0.00 3.10`, and Charades_v1_classes.txt. Class c is an
+object of one colour doing one motion; it sits still outside its action segments, and other-coloured objects that
+never move share the scene, so colour alone does not tell which actions happen, and when.
+
+Why a single frame says nothing about the class: every object is drawn on the torus of the frame (it wraps around the
+edges whether it moves or not), positions, orientations, sizes, shapes and colours have the same distribution in every
+class, and there is no blur or trail. Only the change between frames shows the direction, the rotation sense or
+whether sizes go up or down. Everything is a pure function of --seed: each video has its own random stream, so the
+output does not depend on how many worker processes render it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import colorsys
+import csv
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import string
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+KINETICS_FPS = 30
+CHARADES_FPS = 24
+MARKER = "demo_data.json"  # written into --out: marks the sub-folders as this tool's, and what they hold
+SIZE_RANGE = (0.5, 1.5)  # every object's size factor, moving or not, lies here with the same distribution
+NOISE_PAD = 8  # the sensor-noise bank is this much larger than a frame on each side; frames take random crops
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Classes
+# ----------------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Motion:
+    """What an object does while it acts: a translation direction, a rotation sense, a size trend (0: none)."""
+
+    dx: float = 0.0  # unit direction in image coordinates (y points down)
+    dy: float = 0.0
+    spin: int = 0  # +1 clockwise on screen, -1 counterclockwise
+    growth: int = 0  # +1 growing, -1 shrinking
+
+
+STILL = Motion()
+_DIAG = 1 / math.sqrt(2)
+DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+DIAGONALS = {"up and left": (-_DIAG, -_DIAG), "up and right": (_DIAG, -_DIAG),
+             "down and left": (-_DIAG, _DIAG), "down and right": (_DIAG, _DIAG)}
+SPINS = {"clockwise": 1, "counterclockwise": -1}
+GROWTHS = {"growing": 1, "shrinking": -1}
+
+
+def kinetics_classes(n: int) -> list[tuple[str, Motion]]:
+    """The first n motion classes: the 8 basic motions first, then diagonals, then combinations (80 at most)."""
+    axes, diagonals, spins, growths = list(DIRECTIONS), list(DIAGONALS), list(SPINS), list(GROWTHS)
+    groups = [
+        [(d, None, None) for d in axes] + [(None, s, None) for s in spins] + [(None, None, g) for g in growths],
+        [(d, None, None) for d in diagonals],
+        [(d, s, None) for d in axes for s in spins],
+        [(d, None, g) for d in axes for g in growths],
+        [(None, s, g) for s in spins for g in growths],
+        [(d, s, None) for d in diagonals for s in spins],
+        [(d, None, g) for d in diagonals for g in growths],
+        [(d, s, g) for d in axes + diagonals for s in spins for g in growths],
+    ]
+    combos = [c for group in groups for c in group]
+    if not 1 <= n <= len(combos):
+        raise ValueError(f"the number of Kinetics-style classes must be in 1..{len(combos)}, got {n}")
+    classes = []
+    for direction, spin, growth in combos[:n]:
+        dx, dy = {**DIRECTIONS, **DIAGONALS}.get(direction, (0.0, 0.0))
+        parts = [f"moving {direction}" if direction else "", f"rotating {spin}" if spin else "", growth or ""]
+        parts = [p for p in parts if p]
+        name = parts[0] if len(parts) == 1 else f"{parts[0]} while {' and '.join(parts[1:])}"
+        classes.append((name, Motion(dx, dy, SPINS.get(spin, 0), GROWTHS.get(growth, 0))))
+    return classes
+
+
+COLOURS = {"red": 0, "orange": 30, "yellow": 60, "chartreuse": 90, "green": 120, "spring green": 150, "cyan": 180,
+           "azure": 210, "blue": 240, "violet": 270, "magenta": 300, "rose": 330}  # hue in degrees
+CHARADES_MOTIONS = [("moving right", Motion(dx=1.0)), ("moving left", Motion(dx=-1.0)),
+                    ("moving down", Motion(dy=1.0)), ("moving up", Motion(dy=-1.0)),
+                    ("spinning clockwise", Motion(spin=1)), ("spinning counterclockwise", Motion(spin=-1)),
+                    ("growing", Motion(growth=1)), ("shrinking", Motion(growth=-1))]
+
+
+def charades_classes(n: int) -> list[tuple[str, float, Motion]]:
+    """Class c: (description, hue in [0, 1), motion); each (colour, motion) pair occurs once (96 at most)."""
+    colours, motions = list(COLOURS.items()), CHARADES_MOTIONS
+    if not 1 <= n <= len(colours) * len(motions):
+        raise ValueError(f"the number of Charades-style classes must be in 1..{len(colours) * len(motions)}, got {n}")
+    classes = []
+    for c in range(n):
+        # shifting the motion by c // 12 gives class c and c + 12k the same colour but different motions
+        (colour, hue), (verb, motion) = colours[c % len(colours)], motions[(c + c // len(colours)) % len(motions)]
+        classes.append((f"{colour} object {verb}", hue / 360, motion))
+    return classes
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rendering one video
+# ----------------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Actor:
+    """An object of a video: its motion, the time span (seconds) in which it performs it, its hue (None: random)."""
+
+    motion: Motion
+    start: float = 0.0
+    end: float = math.inf
+    hue: float | None = None
+
+
+@dataclass(frozen=True)
+class VideoJob:
+    """Everything needed to render one video; its own seed makes the result independent of the worker."""
+
+    path: str  # an mp4 file, or a folder of <id>-000001.jpg frames when jpeg is set
+    seed: tuple[int, ...]
+    num_frames: int
+    fps: int
+    width: int
+    height: int
+    actors: tuple[Actor, ...]
+    shake: int  # camera jitter in pixels, independent per frame
+    jpeg: bool = False
+
+
+class Sprite:
+    """One object: an irregular polygon with an off-centre dot (so rotation shows), with its own random speeds."""
+
+    def __init__(self, actor: Actor, rng: np.random.Generator, width: int, height: int) -> None:
+        short = min(width, height)
+        n = int(rng.integers(4, 8))
+        # jittered star polygon: irregular enough that no rotation maps it onto itself
+        angles = 2 * np.pi * (np.arange(n) + rng.uniform(-0.3, 0.3, n)) / n
+        radii = rng.uniform(0.6, 1.0, n)
+        self.outline = np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)  # (n, 2), unit size
+        self.dot = 0.6 * self.outline[0]  # on the segment to a vertex, hence inside the star-shaped polygon
+        hue = rng.random() if actor.hue is None else actor.hue
+        sat, val = (rng.uniform(0.6, 1.0), rng.uniform(0.55, 1.0)) if actor.hue is None else (0.9, 0.9)
+        self.colour = tuple(round(255 * v) for v in colorsys.hsv_to_rgb(hue, sat, val))
+        self.dot_colour = (20, 20, 20) if val * (1 - sat / 2) > 0.6 else (235, 235, 235)
+        self.radius = rng.uniform(0.10, 0.18) * short
+        self.pos0 = rng.uniform((0, 0), (width, height))
+        self.angle0, self.phase0 = rng.uniform(0, 2 * np.pi), rng.random()
+        # slow enough that frames 0.4 s apart (X3D-XS samples every 12th frame) overlap the object's own outline,
+        # which lets a network see motion with local filters; fast enough that 1 s shows it clearly
+        self.speed = rng.uniform(0.12, 0.25) * short  # pixels per second
+        self.omega = np.deg2rad(rng.uniform(60, 120))  # radians per second
+        self.period = rng.uniform(1.2, 2.0)  # seconds per growing or shrinking sawtooth
+        self.actor = actor
+
+    def pose(self, t: float) -> tuple[np.ndarray, float, float]:
+        """Position (pixels, unwrapped), angle and size factor at time t; still before and after the action."""
+        a, m = self.actor, self.actor.motion
+        tau = min(max(t, a.start), a.end) - a.start  # seconds spent acting so far
+        pos = self.pos0 + self.speed * tau * np.array([m.dx, m.dy])
+        phase = (self.phase0 + m.growth * tau / self.period) % 1.0
+        return pos, self.angle0 + m.spin * self.omega * tau, SIZE_RANGE[0] + (SIZE_RANGE[1] - SIZE_RANGE[0]) * phase
+
+    def draw(self, draw: ImageDraw.ImageDraw, t: float, shift: np.ndarray, width: int, height: int) -> None:
+        """Draw at time t with the camera moved by shift, wrapped around the frame edges."""
+        pos, angle, scale = self.pose(t)
+        size = self.radius * scale
+        rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+        outline, dot = self.outline @ rot.T * size, rot @ self.dot * size
+        centre, r = (pos - shift) % (width, height), 0.25 * size
+        for ox in (-width, 0, width):
+            for oy in (-height, 0, height):
+                c = centre + (ox, oy)
+                if -size < c[0] < width + size and -size < c[1] < height + size:
+                    draw.polygon([tuple(p) for p in outline + c], fill=self.colour)
+                    draw.ellipse([c[0] + dot[0] - r, c[1] + dot[1] - r, c[0] + dot[0] + r, c[1] + dot[1] + r],
+                                 fill=self.dot_colour)
+
+
+def _hsv_image(hue: np.ndarray, sat: np.ndarray, val: np.ndarray) -> Image.Image:
+    """RGB image from HSV arrays with values in [0, 1]."""
+    hsv = np.stack([hue % 1.0, sat, val], axis=-1)
+    return Image.fromarray(np.round(255 * hsv).astype(np.uint8), mode="HSV").convert("RGB")
+
+
+def make_background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """Static texture (height, width, 3) uint8: a muted smooth colour field, muted blobs and a faint grating."""
+    gh, gw = rng.integers(2, 7, 2)
+    hue = rng.random() + rng.normal(0, 0.08, (gh, gw))
+    image = _hsv_image(hue, rng.uniform(0.05, 0.35, (gh, gw)), rng.uniform(0.3, 0.85, (gh, gw)))
+    image = image.resize((width, height), Image.BICUBIC)
+    draw, short = ImageDraw.Draw(image), min(width, height)
+    for _ in range(int(rng.integers(3, 10))):  # static muted shapes: clutter that never moves
+        x, y = rng.uniform((0, 0), (width, height))
+        rx, ry = rng.uniform(0.03, 0.2, 2) * short
+        colour = tuple(round(255 * v) for v in colorsys.hsv_to_rgb(rng.random(), rng.uniform(0, 0.3),
+                                                                  rng.uniform(0.2, 0.9)))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x - rx, y - ry, x + rx, y + ry], fill=colour)
+    yy, xx = np.mgrid[0:height, 0:width]
+    theta, period = rng.uniform(0, np.pi), rng.uniform(0.04, 0.2) * short
+    grating = rng.uniform(3, 12) * np.sin(2 * np.pi * (xx * np.cos(theta) + yy * np.sin(theta)) / period)
+    return np.clip(np.asarray(image, np.float32) + grating[..., None], 0, 255).astype(np.uint8)
+
+
+def render_frames(job: VideoJob):
+    """Yield the job's frames as (height, width, 3) uint8 RGB arrays."""
+    rng = np.random.default_rng(job.seed)
+    h, w, m = job.height, job.width, job.shake
+    background = make_background(rng, w + 2 * m, h + 2 * m)  # margin m: camera jitter never shows an edge
+    sigma = rng.uniform(2.0, 5.0)
+    noise = np.round(rng.normal(0, sigma, (h + 2 * NOISE_PAD, w + 2 * NOISE_PAD, 3))).astype(np.int16)
+    sprites = [Sprite(actor, rng, w, h) for actor in job.actors]
+    for i in range(job.num_frames):
+        shift = rng.integers(-m, m + 1, 2)  # (x, y)
+        image = Image.fromarray(background[m + shift[1]:m + shift[1] + h, m + shift[0]:m + shift[0] + w])
+        draw = ImageDraw.Draw(image)
+        for sprite in sprites:
+            sprite.draw(draw, i / job.fps, shift, w, h)
+        ny, nx = rng.integers(0, 2 * NOISE_PAD + 1, 2)
+        yield np.clip(np.asarray(image, np.int16) + noise[ny:ny + h, nx:nx + w], 0, 255).astype(np.uint8)
+
+
+def write_mp4(path: str, frames, job: VideoJob) -> None:
+    """Encode frames to H.264 (yuv420p) at job.fps with a keyframe every second, as common web video has."""
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=job.fps)
+        stream.width, stream.height, stream.pix_fmt = job.width, job.height, "yuv420p"
+        # one thread: the worker pool already keeps every core busy, and x264 is then trivially deterministic
+        stream.options = {"crf": "23", "preset": "superfast", "threads": "1",
+                          "x264-params": f"keyint={job.fps}:min-keyint={job.fps}:scenecut=0"}
+        for i, array in enumerate(frames):
+            # converted here, not by the encoder: its built-in conversion was measured to vary from run to run
+            # under CPU load, which breaks "same seed, same decoded frames"
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24").reformat(format="yuv420p")
+            frame.pts = i  # the stream's time base is 1 / fps
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def render_video(job: VideoJob) -> int:
+    """Render one job to disk; returns the bytes written."""
+    if not job.jpeg:
+        write_mp4(job.path, render_frames(job), job)
+        return os.path.getsize(job.path)
+    folder = Path(job.path)
+    folder.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for i, array in enumerate(render_frames(job), start=1):
+        path = folder / f"{folder.name}-{i:06d}.jpg"
+        Image.fromarray(array).save(path, quality=90)
+        total += path.stat().st_size
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Planning the data sets (labels, file names, annotations)
+# ----------------------------------------------------------------------------------------------------------------------
+
+def frame_size(short_side: int) -> tuple[int, int]:
+    """(width, height) of a 4:3 landscape frame; both even, as yuv420p requires."""
+    return 2 * round(short_side * 2 / 3), 2 * round(short_side / 2)
+
+
+def _youtube_id(rng: np.random.Generator, taken: set[str]) -> str:
+    """A new random 11-character id from YouTube's alphabet."""
+    alphabet = string.ascii_letters + string.digits + "-_"
+    while True:
+        vid = "".join(alphabet[i] for i in rng.integers(0, len(alphabet), 11))
+        if vid not in taken:
+            taken.add(vid)
+            return vid
+
+
+def plan_kinetics(args: argparse.Namespace, root: Path) -> tuple[list[str], dict[str, list[dict]], list[VideoJob]]:
+    """Labels (alphabetical), CSV rows per split, and one job per video of the Kinetics-style set."""
+    rng, taken = np.random.default_rng([args.seed, 0]), set()
+    (width, height), classes = frame_size(args.size), kinetics_classes(args.classes)
+    rows, jobs = {"train": [], "val": []}, []
+    for split_code, (split, per_class) in enumerate([("train", args.train_per_class), ("val", args.val_per_class)]):
+        for label, motion in classes:
+            for _ in range(per_class):
+                yid, start = _youtube_id(rng, taken), int(rng.integers(0, 300))
+                end = start + args.seconds
+                path = root / split / label / f"{yid}_{start:06d}_{end:06d}.mp4"
+                actors = (Actor(motion),) * int(rng.integers(3, 7))
+                jobs.append(VideoJob(str(path), (args.seed, 0, split_code, len(jobs)), args.seconds * KINETICS_FPS,
+                                     KINETICS_FPS, width, height, actors, args.shake))
+                rows[split].append({"label": label, "youtube_id": yid, "time_start": start, "time_end": end,
+                                    "split": split})
+    for split_rows in rows.values():
+        split_rows.sort(key=lambda r: (r["label"], r["youtube_id"]))  # the official files are sorted by label
+    return sorted(label for label, _ in classes), rows, jobs
+
+
+def _segments(rng: np.random.Generator, classes: list[int], length: float) -> list[tuple[int, float, float]]:
+    """Action segments (class, start, end) in [0, length]; the first two both contain one instant, so they overlap."""
+    anchor, segments = rng.uniform(0, length), []
+    for k, c in enumerate(classes):
+        duration = min(rng.uniform(2.0, 5.0), length)
+        lo, hi = (max(0.0, anchor - duration), min(anchor, length - duration)) if k < 2 else (0.0, length - duration)
+        start = math.floor(rng.uniform(lo, hi) * 100) / 100
+        segments.append((c, start, math.floor(min(start + duration, length) * 100) / 100))
+    return sorted(segments, key=lambda s: s[1])
+
+
+def _charades_row(vid: str, rng: np.random.Generator, classes: list, segments: list, length: float) -> dict:
+    """One CSV row in the official column order."""
+    sentence = " ".join(f"The {classes[c][0].replace(' object ', ' object is ', 1)}." for c, _, _ in segments)
+    colours = sorted({classes[c][0].split(" object")[0] for c, _, _ in segments})
+    return {"id": vid, "subject": f"S{int(rng.integers(1, 100)):02d}",
+            "scene": ["Kitchen", "Living room", "Bedroom", "Hallway", "Garage"][int(rng.integers(0, 5))],
+            "quality": int(rng.integers(4, 8)), "relevance": int(rng.integers(4, 8)), "verified": "Yes",
+            "script": sentence, "objects": ";".join(colours), "descriptions": sentence,
+            "actions": ";".join(f"c{c:03d} {s:.2f} {e:.2f}" for c, s, e in segments), "length": f"{length:.2f}"}
+
+
+def plan_charades(args: argparse.Namespace, root: Path) -> tuple[list[str], dict[str, list[dict]], list[VideoJob]]:
+    """Class lines, CSV rows per subset, and one job per video of the Charades-style set."""
+    rng, classes = np.random.default_rng([args.seed, 1]), charades_classes(args.charades_classes)
+    width, height = frame_size(args.size)
+    rows, jobs = {"train": [], "test": []}, []
+    lo, hi = (round(s * CHARADES_FPS) for s in args.charades_seconds)
+    for subset_code, (subset, count) in enumerate([("train", args.charades_videos),
+                                                   ("test", args.charades_test_videos)]):
+        for _ in range(count):
+            vid, num_frames = f"D{len(jobs) + 1:04d}", int(rng.integers(lo, hi + 1))
+            length = num_frames / CHARADES_FPS
+            acting = int(min(rng.integers(2, 5), len(classes)))
+            still = int(min(rng.integers(1, 3), len(classes) - acting))
+            chosen = [int(c) for c in rng.permutation(len(classes))[:acting + still]]
+            segments = _segments(rng, chosen[:acting], length)
+            actors = [Actor(classes[c][2], s, e, classes[c][1]) for c, s, e in segments]
+            actors += [Actor(STILL, 0.0, 0.0, classes[c][1]) for c in chosen[acting:]]  # colour present, no action
+            jobs.append(VideoJob(str(root / "Charades_v1_rgb" / vid), (args.seed, 1, subset_code, len(jobs)),
+                                 num_frames, CHARADES_FPS, width, height, tuple(actors), args.shake, jpeg=True))
+            rows[subset].append(_charades_row(vid, rng, classes, segments, length))
+    return [f"c{c:03d} {desc}" for c, (desc, _, _) in enumerate(classes)], rows, jobs
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+KINETICS_COLUMNS = ["label", "youtube_id", "time_start", "time_end", "split"]
+CHARADES_COLUMNS = ["id", "subject", "scene", "quality", "relevance", "verified", "script", "objects",
+                    "descriptions", "actions", "length"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------------------------------------
+
+def prepare_output(out: Path, settings: dict, force: bool) -> bool:
+    """Clear what an earlier run of this tool left in out; False when it already holds exactly these settings."""
+    marker, owned = out / MARKER, [out / "kinetics", out / "charades"]
+    if marker.exists():
+        previous = json.loads(marker.read_text())
+        if previous.get("complete") and previous.get("settings") == settings and not force:
+            return False
+        for folder in owned:
+            shutil.rmtree(folder, ignore_errors=True)
+    else:
+        foreign = [str(f) for f in owned if f.exists()]
+        if foreign:
+            raise FileExistsError(f"{', '.join(foreign)} exists but was not made by this tool (no {marker}); "
+                                  "remove it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"settings": settings, "complete": False}, indent=2) + "\n")
+    return True
+
+
+def run_jobs(jobs: list[VideoJob], workers: int) -> list[int]:
+    """Render every job, in worker processes when workers > 1; returns the bytes written per job."""
+    for job in jobs:
+        Path(job.path).parent.mkdir(parents=True, exist_ok=True)
+    bar = {"total": len(jobs), "desc": "rendering", "unit": "video", "disable": None}
+    if workers <= 1:
+        return [render_video(job) for job in tqdm(jobs, **bar)]
+    # spawn, not fork: forking a process that already runs threads (torch, a test runner) can deadlock. An executor,
+    # unlike multiprocessing.Pool, fails at once instead of restarting workers that die while starting up.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(tqdm(pool.map(render_video, jobs), **bar))
+
+
+def _summary(name: str, jobs: list[VideoJob], sizes: list[int], counts: str, root: Path) -> str:
+    frames = sum(job.num_frames for job in jobs)
+    fps = jobs[0].fps if jobs else 0
+    width, height = (jobs[0].width, jobs[0].height) if jobs else (0, 0)
+    return (f"{name}: {counts} ({frames:,} frames, {width}x{height} at {fps} fps), "
+            f"{sum(sizes) / 1e6:.1f} MB in {root}")
+
+
+def main(args: argparse.Namespace) -> None:
+    """Generate the requested data sets under args.out and print a summary."""
+    check_args(args)
+    t0, out = time.perf_counter(), Path(args.out)
+    # through JSON so that a tuple compares equal to the list read back from the marker
+    settings = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in ("out", "workers", "force")}))
+    if not prepare_output(out, settings, args.force):
+        print(f"{out} already holds demo data made with these settings (use --force to remake it)")
+        return
+    parts = []
+    if "kinetics" in args.datasets:
+        labels, rows, jobs = plan_kinetics(args, out / "kinetics")
+        (out / "kinetics").mkdir(parents=True, exist_ok=True)
+        (out / "kinetics" / "labels.txt").write_text("".join(f"{label}\n" for label in labels))
+        _write_csv(out / "kinetics" / "annotations" / "train.csv", rows["train"], KINETICS_COLUMNS)
+        _write_csv(out / "kinetics" / "annotations" / "validate.csv", rows["val"], KINETICS_COLUMNS)
+        counts = f"{len(labels)} classes, {len(rows['train'])} train + {len(rows['val'])} val videos"
+        parts.append(("kinetics", jobs, counts))
+    if "charades" in args.datasets:
+        lines, rows, jobs = plan_charades(args, out / "charades")
+        (out / "charades").mkdir(parents=True, exist_ok=True)
+        (out / "charades" / "Charades_v1_classes.txt").write_text("".join(f"{line}\n" for line in lines))
+        _write_csv(out / "charades" / "Charades_v1_train.csv", rows["train"], CHARADES_COLUMNS)
+        _write_csv(out / "charades" / "Charades_v1_test.csv", rows["test"], CHARADES_COLUMNS)
+        counts = f"{len(lines)} classes, {len(rows['train'])} train + {len(rows['test'])} test videos"
+        parts.append(("charades", jobs, counts))
+    # Charades videos are the longest jobs: starting them first keeps both workers busy to the end
+    jobs = [job for _, part_jobs, _ in reversed(parts) for job in part_jobs]
+    sizes = dict(zip([job.path for job in jobs], run_jobs(jobs, args.workers)))
+    lines = [_summary(name, part_jobs, [sizes[j.path] for j in part_jobs], counts, out / name)
+             for name, part_jobs, counts in parts]
+    lines.append(f"done in {time.perf_counter() - t0:.1f} s with {args.workers} worker process(es)")
+    (out / MARKER).write_text(json.dumps({"settings": settings, "complete": True, "summary": lines}, indent=2) + "\n")
+    print("\n".join(lines))
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Command-line flags of the generator."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="Folder to write kinetics/ and charades/ into (created if needed).")
+    p.add_argument("--seed", type=int, default=0, help="Everything generated is a pure function of this seed.")
+    p.add_argument("--datasets", nargs="+", default=["kinetics", "charades"], choices=["kinetics", "charades"],
+                   help="Which data sets to generate (default: both).")
+    p.add_argument("--size", type=int, default=128,
+                   help="Short side of the 4:3 frames in pixels; 128 keeps decoding cheap on a laptop CPU.")
+    p.add_argument("--shake", type=int, default=1, help="Camera jitter in pixels, drawn independently per frame.")
+    p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
+                   help="Processes rendering videos in parallel (default: one per core, at most 8).")
+    p.add_argument("--force", action="store_true", help="Remake the data even if --out already holds the same.")
+    g = p.add_argument_group("Kinetics-style set")
+    g.add_argument("--classes", type=int, default=8,
+                   help="Motion classes: 8 basic motions, then diagonals and combinations, up to 80.")
+    g.add_argument("--train-per-class", type=int, default=40, help="Training videos per class.")
+    g.add_argument("--val-per-class", type=int, default=10, help="Validation videos per class.")
+    g.add_argument("--seconds", type=int, default=3, help="Length of each video in whole seconds (at 30 fps).")
+    g = p.add_argument_group("Charades-style set")
+    g.add_argument("--charades-classes", type=int, default=10,
+                   help="Action classes (a colour and a motion each), up to 96.")
+    g.add_argument("--charades-videos", type=int, default=40, help="Training videos.")
+    g.add_argument("--charades-test-videos", type=int, default=12, help="Test videos.")
+    g.add_argument("--charades-seconds", type=float, nargs=2, default=(7.0, 10.0), metavar=("MIN", "MAX"),
+                   help="Range of video lengths in seconds (24 fps). 7 s or more: the original Charades recipe "
+                        "skips videos shorter than 162 frames.")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject values the generator cannot honour with a ValueError that names the flag."""
+    if not 1 <= args.classes <= 80:
+        raise ValueError(f"--classes must be in 1..80, got {args.classes}")
+    if not 4 <= args.charades_classes <= 96:
+        raise ValueError(f"--charades-classes must be in 4..96 (videos hold 2 to 4 actions and a still object), "
+                         f"got {args.charades_classes}")
+    lo, hi = args.charades_seconds
+    if not 2.0 <= lo <= hi:
+        raise ValueError(f"--charades-seconds needs 2 <= MIN <= MAX, got {lo} {hi}")
+    for flag in ("size", "seconds", "workers"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be positive, got {getattr(args, flag)}")
+    for flag in ("train_per_class", "val_per_class", "charades_videos", "charades_test_videos", "shake"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must not be negative, got {getattr(args, flag)}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
