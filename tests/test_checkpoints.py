@@ -23,16 +23,6 @@ from x3d import build_model, build_model_from_cfg
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tensors here are tiny: extra threads only add synchronisation, and on a loaded machine spinning OpenMP
-    # threads slow every op down many times over.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @torch.no_grad()
 def randomize(model: nn.Module) -> nn.Module:
     """Random BN affine and statistics (zero-init gammas included) and a larger classifier, so every path counts."""

@@ -26,16 +26,6 @@ PARAMS = {"x3d_xs": 3_794_322, "x3d_s": 3_794_322, "x3d_m": 3_794_322, "x3d_l": 
 GFLOPS = {"x3d_xs": 0.60, "x3d_s": 1.96, "x3d_m": 4.73, "x3d_l": 18.37}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tensors here are tiny: extra threads only add synchronisation, and on a loaded machine spinning OpenMP
-    # threads slow every op down many times over.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gmacs(name: str, frames: int, crop: int) -> float:
     """Multiply-adds of one clip, counted on the meta device (no memory, no compute)."""
     with torch.device("meta"):
