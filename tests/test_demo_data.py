@@ -142,7 +142,7 @@ def test_charades_objects_move_exactly_during_their_segments(small: Path) -> Non
 def test_same_seed_same_data_any_workers_other_seed_other_data(tmp_path: Path) -> None:
     tiny = ["--classes", "2", "--train-per-class", "1", "--val-per-class", "1", "--seconds", "1", "--size", "32",
             "--charades-classes", "4", "--charades-videos", "1", "--charades-test-videos", "1",
-            "--charades-seconds", "3", "3"]
+            "--charades-seconds", "3", "3", "--shake", "2"]  # camera jitter draws from the random stream too
     a = generate(tmp_path / "a", *tiny, "--workers", "1")
     b = generate(tmp_path / "b", *tiny, "--workers", "2")
     c = generate(tmp_path / "c", *tiny, "--workers", "1", "--seed", "1")
@@ -204,18 +204,18 @@ def single_frame_features(frame: np.ndarray) -> np.ndarray:
 
 def two_frame_features(frames: np.ndarray) -> np.ndarray:
     """Over pairs of frames: median shift of the objects 16 frames apart (dx, dy), mean sign of their area change
-    4 frames apart (short, because growing and shrinking restart every 1.5-2.5 s)."""
+    2 frames apart (short, because growing and shrinking restart every 1.2-2 s)."""
     mask = object_mask(frames).astype(np.float32)  # (T, H, W)
     h, w = mask.shape[1:]
-    shifts, trends = [], []
+    shifts = []
     for t in range(0, len(frames) - 16, 4):
         a, b = mask[t] - mask[t].mean(), mask[t + 16] - mask[t + 16].mean()
         # circular cross-correlation: objects wrap around the frame, so the shift is measured on the torus
         corr = np.fft.irfft2(np.conj(np.fft.rfft2(a)) * np.fft.rfft2(b), s=(h, w))
         dy, dx = np.unravel_index(np.argmax(corr), corr.shape)
         shifts.append([(dx + w // 2) % w - w // 2, (dy + h // 2) % h - h // 2])
-        trends.append(np.sign(mask[t + 4].sum() - mask[t].sum()))
-    return np.array([*np.median(shifts, axis=0), np.mean(trends)], np.float32)
+    area = mask.sum(axis=(1, 2))
+    return np.array([*np.median(shifts, axis=0), np.mean(np.sign(area[2:] - area[:-2]))], np.float32)
 
 
 def cv_accuracy(x: np.ndarray, y: np.ndarray, videos: np.ndarray, linear: bool) -> float:
@@ -246,8 +246,9 @@ def test_single_frame_is_near_chance_two_frames_separate_motions(tmp_path: Path)
     # 8 classes: chance is 0.125
     assert cv_accuracy(single, single_y, single_ids, linear=True) < 0.25
     assert cv_accuracy(single, single_y, single_ids, linear=False) < 0.25
-    for names in (["moving left", "moving right", "moving up", "moving down"], ["growing", "shrinking"]):
+    for names, columns in ((["moving left", "moving right", "moving up", "moving down"], [0, 1]),
+                           (["growing", "shrinking"], [2])):
         chosen = np.isin(y, [labels.index(n) for n in names])
-        assert cv_accuracy(pairs[chosen], y[chosen], ids[chosen], linear=False) > 0.9, names
+        assert cv_accuracy(pairs[chosen][:, columns], y[chosen], ids[chosen], linear=False) > 0.9, names
         chosen = np.isin(single_y, [labels.index(n) for n in names])
         assert cv_accuracy(single[chosen], single_y[chosen], single_ids[chosen], linear=False) < 1.4 / len(names), names
