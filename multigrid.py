@@ -324,12 +324,15 @@ class ShortCycleBatchSampler(Sampler[list[ClipSpec]]):
     with the short cycle's batch sizes and drops the last partial batch, so every batch has the exact size the BN split
     count expects. A sample's seed comes from (seed, epoch, position in the padded permutation), independent of the
     loader worker. `start_iter` skips batches already trained: the rest equals the tail of an uninterrupted epoch.
+    With `end_epoch` the batches of the following epochs up to it come next, in one stream: a DataLoader over it keeps
+    its workers and prefetches across epoch ends (a small data set's epoch is only a few large batches long).
     `len()` is the number of batches still to yield. `short_cycle=False` gives plain batches at the long-cycle shape
     (precise BN).
     """
 
     def __init__(self, num_samples: int, schedule: MultigridSchedule, *, epoch: int = 0, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, start_iter: int = 0, short_cycle: bool = True) -> None:
+                 world_size: int = 1, seed: int = 0, start_iter: int = 0, short_cycle: bool = True,
+                 end_epoch: int | None = None) -> None:
         super().__init__()
         if num_samples < 1 or not 0 <= rank < world_size:
             raise ValueError(f"multigrid.ShortCycleBatchSampler: need num_samples >= 1 and 0 <= rank < world_size, "
@@ -337,33 +340,42 @@ class ShortCycleBatchSampler(Sampler[list[ClipSpec]]):
         self.num_samples, self.schedule, self.rank, self.world_size = num_samples, schedule, rank, world_size
         self.seed, self.short_cycle = seed, short_cycle
         self.per_rank = math.ceil(num_samples / world_size)
-        self.set_epoch(epoch, start_iter)
+        self.set_epoch(epoch, start_iter, end_epoch)
 
-    def set_epoch(self, epoch: int, start_iter: int = 0) -> None:
-        """Move to `epoch` (its shape, permutation and seeds), skipping its first `start_iter` batches."""
-        stage = self.schedule.stage_at(epoch)
-        self.shape = stage.shape
-        self.batches = stage.short_cycle if self.short_cycle else ((stage.crop, stage.batch_size),)
-        self.num_batches = count_batches(self.per_rank, [b for _, b in self.batches])
-        if not 0 <= start_iter <= self.num_batches:
+    def set_epoch(self, epoch: int, start_iter: int = 0, end_epoch: int | None = None) -> None:
+        """Start at `epoch` (skipping its first `start_iter` batches) and go on to `end_epoch` (default: epoch + 1)."""
+        end_epoch = epoch + 1 if end_epoch is None else end_epoch
+        if not 0 <= start_iter <= self.batches_in(epoch):
             raise ValueError(f"multigrid.ShortCycleBatchSampler: start_iter {start_iter} is outside the "
-                             f"{self.num_batches} batches of epoch {epoch}")
-        self.epoch, self.start_iter = epoch, start_iter
+                             f"{self.batches_in(epoch)} batches of epoch {epoch}")
+        self.epoch, self.start_iter, self.end_epoch = epoch, start_iter, end_epoch
+
+    def _shapes(self, epoch: int) -> tuple[tuple[int, int], ...]:
+        stage = self.schedule.stage_at(epoch)
+        return stage.short_cycle if self.short_cycle else ((stage.crop, stage.batch_size),)
+
+    def batches_in(self, epoch: int) -> int:
+        """Batches of a whole epoch on each rank."""
+        return count_batches(self.per_rank, [b for _, b in self._shapes(epoch)])
 
     def __len__(self) -> int:
-        return self.num_batches - self.start_iter
+        return max(sum(self.batches_in(e) for e in range(self.epoch, self.end_epoch)) - self.start_iter, 0)
 
     def __iter__(self) -> Iterator[list[ClipSpec]]:
-        generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        for epoch in range(self.epoch, self.end_epoch):
+            yield from self._epoch(epoch, self.start_iter if epoch == self.epoch else 0)
+
+    def _epoch(self, epoch: int, start_iter: int) -> Iterator[list[ClipSpec]]:
+        generator = torch.Generator().manual_seed(_mix(self.seed, epoch))
         order = torch.randperm(self.num_samples, generator=generator).tolist()
-        sizes = [b for _, b in self.batches]
-        full, part = divmod(self.start_iter, len(sizes))
+        shapes, shape = self._shapes(epoch), self.schedule.shape_at(epoch)
+        sizes = [b for _, b in shapes]
+        full, part = divmod(start_iter, len(sizes))
         j = full * sum(sizes) + sum(sizes[:part])  # samples of this rank already consumed
-        frames, rate_min, rate_max = self.shape.frames, self.shape.rate_min, self.shape.rate_max
-        for it in range(self.start_iter, self.num_batches):
-            crop, size = self.batches[it % len(self.batches)]
+        for it in range(start_iter, self.batches_in(epoch)):
+            crop, size = shapes[it % len(shapes)]
             # Global positions in the padded permutation; padding wraps around (duplicates clips across ranks).
             positions = [self.rank + (j + i) * self.world_size for i in range(size)]
-            yield [ClipSpec(order[p % self.num_samples], frames, crop, rate_min, rate_max,
-                            _mix(self.seed, self.epoch, p)) for p in positions]
+            yield [ClipSpec(order[p % self.num_samples], shape.frames, crop, shape.rate_min, shape.rate_max,
+                            _mix(self.seed, epoch, p)) for p in positions]
             j += size

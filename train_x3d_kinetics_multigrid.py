@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 from pathlib import Path
 
 import torch
@@ -123,11 +124,16 @@ def eval_loader(dataset, args: argparse.Namespace) -> DataLoader:
 
 
 def train_loader(dataset, schedule, epoch: int, args: argparse.Namespace, start_iter: int = 0,
-                 short_cycle: bool = True) -> DataLoader:
-    """A loader for one epoch at the epoch's long-cycle shape; the batch sampler picks shapes per iteration."""
+                 short_cycle: bool = True, end_epoch: int | None = None) -> DataLoader:
+    """Batches from `epoch` (after `start_iter`) to `end_epoch`; the batch sampler picks shapes per iteration.
+
+    One loader for all remaining epochs keeps its workers, which prefetch the next epoch's first batches while the
+    current epoch ends, evaluates and saves: with a small data set and multigrid's large batches an epoch is only a
+    few iterations long, and a fresh loader per epoch would make the loop wait for its first batch every time.
+    """
     sampler = ShortCycleBatchSampler(len(dataset), schedule, epoch=epoch, rank=utils.get_rank(),
                                      world_size=utils.get_world_size(), seed=args.seed, start_iter=start_iter,
-                                     short_cycle=short_cycle)
+                                     short_cycle=short_cycle, end_epoch=end_epoch)
     # A private generator keeps loader start-up from consuming the global RNG (dropout draws are seeded per step).
     return DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, pin_memory=torch.cuda.is_available(),
                       generator=torch.Generator().manual_seed(args.seed + epoch))
@@ -225,16 +231,17 @@ def main(args: argparse.Namespace) -> dict:
     # ---- training ----
     criterion = F.cross_entropy
     stats = {}
+    loader = train_loader(train_set, schedule, start_epoch, args, start_iter=start_iter, end_epoch=schedule.num_epochs)
+    batches = iter(loader)
     for epoch in range(start_epoch, schedule.num_epochs):
         shape = schedule.shape_at(epoch)
         set_bn_splits(model, shape.bn_splits)
-        loader = train_loader(train_set, schedule, epoch, args, start_iter=start_iter)
-        num_iters = len(loader.batch_sampler) + start_iter
+        num_iters = loader.batch_sampler.batches_in(epoch)
         train_stats = engine.train_one_epoch(
-            net, loader, optimizer, criterion, epoch=epoch, num_iters=num_iters, lr_at=schedule.lr_at,
-            device=device, seed=args.seed, start_iter=start_iter, amp=args.amp, scaler=scaler,
-            clip_grad=args.clip_grad, save_fn=lambda it, e=epoch: checkpoint(e, it), save_every=args.save_every,
-            progress=not args.no_progress)
+            net, itertools.islice(batches, num_iters - start_iter), optimizer, criterion, epoch=epoch,
+            num_iters=num_iters, lr_at=schedule.lr_at, device=device, seed=args.seed, start_iter=start_iter,
+            amp=args.amp, scaler=scaler, clip_grad=args.clip_grad, save_fn=lambda it, e=epoch: checkpoint(e, it),
+            save_every=args.save_every, progress=not args.no_progress)
         start_iter = 0
         stats = {f"train_{k}": v for k, v in train_stats.items()}
         stats.update(shape=f"{shape.frames}x{shape.crop}", batch=shape.batch_size, bn_splits=shape.bn_splits,

@@ -234,6 +234,19 @@ def test_start_iter_resume_equals_the_tail(world):
         assert len(sampler) == len(full) - k and list(sampler) == full[k:]
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_one_stream_over_epochs_equals_the_epochs_one_after_another(world):
+    s = demo_schedule()
+    kw = dict(rank=world - 1, world_size=world, seed=2)
+    per_epoch = [batches(300, s, epoch=e, **kw) for e in range(3, 9)]  # crosses long-cycle shape changes
+    assert len({b[0].frames for epoch in per_epoch for b in epoch}) > 1
+    stream = ShortCycleBatchSampler(300, s, epoch=3, start_iter=2, end_epoch=9, **kw)
+    assert [stream.batches_in(e) for e in range(3, 9)] == [len(b) for b in per_epoch]
+    assert len(stream) == sum(map(len, per_epoch)) - 2
+    assert list(stream) == [b for epoch in per_epoch for b in epoch][2:]
+    assert list(ShortCycleBatchSampler(300, s, epoch=9, end_epoch=9, **kw)) == []  # nothing left to train
+
+
 def test_precise_bn_batches_are_plain_long_cycle_batches():
     s = demo_schedule()
     out = batches(300, s, epoch=0, short_cycle=False)

@@ -3,7 +3,7 @@
     python tools/make_demo_data.py --out data/demo                      # about 20 s on 2 cores
     python tools/make_demo_data.py --out data/demo --classes 20 --train-per-class 100 --size 256
 
-Kinetics-style (DIR/kinetics): H.264 mp4 files at 30 fps, one keyframe per second, in the official layout
+Kinetics-style (DIR/kinetics): H.264 mp4 files at 30 fps, a keyframe every 16 frames, in the official layout
     annotations/{train,validate}.csv   label,youtube_id,time_start,time_end,split
     {train,val}/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4
     labels.txt                         one class per line, alphabetical (= the class index)
@@ -50,6 +50,8 @@ KINETICS_FPS = 30
 CHARADES_FPS = 24
 MARKER = "demo_data.json"  # written into --out: marks the sub-folders as this tool's, and what they hold
 SIZE_RANGE = (0.5, 1.5)  # every object's size factor, moving or not, lies here with the same distribution
+# tools/prepare_kinetics.py's default for training videos: a short clip decodes a few short GOPs, not whole seconds
+KEYFRAME_INTERVAL = 16
 NOISE_PAD = 8  # the sensor-noise bank is this much larger than a frame on each side; frames take random crops
 
 
@@ -239,13 +241,13 @@ def render_frames(job: VideoJob) -> Iterator[np.ndarray]:
 
 
 def write_mp4(path: str, frames: Iterable[np.ndarray], job: VideoJob) -> None:
-    """Encode frames to H.264 (yuv420p) at job.fps with a keyframe every second, as common web video has."""
+    """Encode frames to H.264 (yuv420p) at job.fps with a keyframe every KEYFRAME_INTERVAL frames."""
     with av.open(path, "w") as container:
         stream = container.add_stream("libx264", rate=job.fps)
         stream.width, stream.height, stream.pix_fmt = job.width, job.height, "yuv420p"
         # one thread: the worker pool already keeps every core busy
         stream.options = {"crf": "23", "preset": "superfast", "threads": "1",
-                          "x264-params": f"keyint={job.fps}:min-keyint={job.fps}:scenecut=0"}
+                          "x264-params": f"keyint={KEYFRAME_INTERVAL}:min-keyint={KEYFRAME_INTERVAL}:scenecut=0"}
         for i, array in enumerate(frames):
             # converted here on one thread: the encoder's own conversion splits frames over threads, and its output
             # was measured to vary from run to run under CPU load, which breaks "same seed, same decoded frames"
