@@ -22,9 +22,9 @@ test: lint
 # then the 10 x 3-view test and the plots. Re-running resumes the finished run and only re-evaluates.
 DEMO_DATA := data/demo
 DEMO_RUN := logs/demo
-DEMO_FLAGS := --model x3d_xs --frames 8 --sampling-rate 4 --crop 56 --jitter 64 80 --test-crop 64 \
-	--batch-size 4 --epochs 10 --warmup-epochs 1 --lr 0.05 --flip-prob 0 --workers 2 \
-	--eval-every 5 --precise-bn-batches 20 --test-views 10 --test-crops 3
+DEMO_FLAGS := --model x3d_xs --frames 8 --sampling-rate 8 --crop 56 --jitter 64 80 --test-crop 64 \
+	--batch-size 8 --epochs 30 --warmup-epochs 1 --lr 0.015 --dropout 0 --flip-prob 0 --workers 2 \
+	--eval-every 10 --precise-bn-batches 10 --test-views 10 --test-crops 3
 
 demo: $(VENV)/.installed
 	$(PY) tools/make_demo_data.py --out $(DEMO_DATA) --datasets kinetics

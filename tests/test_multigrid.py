@@ -19,7 +19,7 @@ MODES = {"both": (True, True), "long": (True, False), "short": (False, True), "n
 
 
 def demo_schedule(mode: str = "both", lr_policy: str = "cosine", **kw) -> MultigridSchedule:
-    """The CPU demo's settings: 12 base epochs, per-device batch 8, 8 frames at rate 4, crop 112."""
+    """A small CPU-sized schedule: 12 base epochs, per-device batch 8, 8 frames at rate 4, crop 112."""
     long_cycle, short_cycle = MODES[mode]
     args = dict(epochs=12, base_batch=8, base_frames=8, base_crop=112, base_rate=4, lr=0.05, lr_policy=lr_policy,
                 warmup_epochs=1, steps=[0, 6, 9] if lr_policy == "steps" else None, long_cycle=long_cycle,
