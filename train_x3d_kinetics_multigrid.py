@@ -256,6 +256,8 @@ def main(args: argparse.Namespace) -> dict:
             print(f"epoch {epoch + 1}/{schedule.num_epochs}  " + "  ".join(
                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
 
+    del batches, loader  # stops the training loader's workers before the test starts its own
+
     # ---- final multi-view test ----
     if args.test_views * args.test_crops > 0:
         _, test_set = build_datasets(argparse.Namespace(**{**vars(args), "eval": True}), spec,
