@@ -2,6 +2,7 @@
 
     python benchmarks/bench_multigrid.py                      # demo data (generated if missing), X3D-XS, CPU
     python benchmarks/bench_multigrid.py --epochs 6 --quick   # a shorter run
+    python benchmarks/bench_multigrid.py --also short long    # and each cycle alone
 
 The fixed-shape recipe trains N epochs at the base shape; multigrid derives its schedule from the same N (stretched by
 the epoch factor, as the paper does). Each recipe runs as its own process through train_x3d_kinetics_multigrid.py and
@@ -30,19 +31,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default="data/demo/kinetics", help="Kinetics-layout data (demo data by default).")
-    p.add_argument("--out", default="logs/bench_multigrid", help="Folder for the two runs.")
+    p.add_argument("--out", default="logs/bench_multigrid", help="Folder for the runs.")
     p.add_argument("--epochs", type=int, default=30, help="Epochs of the fixed-shape recipe (N).")
     p.add_argument("--batch-size", type=int, default=8, help="Clips per iteration at the base shape.")
     p.add_argument("--lr", type=float, default=0.015, help="LR at the base shape (both recipes).")
     p.add_argument("--workers", type=int, default=2, help="Data-loading processes.")
     p.add_argument("--test-views", type=int, default=10, help="Temporal views of the final test (× 3 crops).")
     p.add_argument("--quick", action="store_true", help="Fewer test views, for a fast look.")
+    p.add_argument("--also", nargs="*", default=[], choices=["short", "long"],
+                   help="Also run multigrid with only the short or only the long cycle.")
     return p
 
 
 def run_recipe(args: argparse.Namespace, name: str, multigrid: str) -> dict:
     """Train one recipe from scratch in its own process; returns its wall-clock and final log lines."""
-    run_dir = Path(args.out) / name
+    run_dir = Path(args.out) / name.replace(" ", "_")
     if run_dir.exists():
         for f in run_dir.iterdir():  # always from scratch: a leftover checkpoint would resume
             f.unlink()
@@ -73,6 +76,7 @@ def main(args: argparse.Namespace) -> None:
         subprocess.run([sys.executable, str(ROOT / "tools/make_demo_data.py"), "--out",
                         str(Path(args.data_root).parent), "--datasets", "kinetics"], check=True, cwd=ROOT)
     results = [run_recipe(args, "fixed", "none"), run_recipe(args, "multigrid", "both")]
+    results += [run_recipe(args, f"{mode} cycle only", mode) for mode in args.also]
     base = results[0]["wall"]
     print("\n| recipe | epochs | iterations | wall-clock | speed-up | test top-1 | test top-5 |")
     print("|---|---:|---:|---:|---:|---:|---:|")
