@@ -173,11 +173,9 @@ def test_test_clip_views():
 
 
 def test_train_clip_flip_probability():
-    from transforms import train_clip as augment
-
     clip = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
     clip[..., 8:] = 255  # dark left half, bright right half
     for p, bright_right in ((0.0, True), (1.0, False)):
         for seed in range(10):
-            out = augment(clip, 16, (16, 16), torch.Generator().manual_seed(seed), flip_prob=p)
+            out = T.train_clip(clip, 16, (16, 16), torch.Generator().manual_seed(seed), flip_prob=p)
             assert (out[..., -1].mean() > out[..., 0].mean()) == bright_right
