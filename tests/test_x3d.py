@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from x3d import (
     MODELS,
+    DepthwiseConv3d,
     SubBatchNorm3d,
     Swish,
     aggregate_sub_bn_stats,
@@ -111,6 +112,35 @@ def test_initialisation():
     assert model.head.classifier.weight.std().item() == pytest.approx(0.01, rel=0.05)
     conv = model.stages[2][1].conv_a.weight  # Kaiming fan_out: std = sqrt(2 / out_channels)
     assert conv.std().item() == pytest.approx((2 / conv.shape[0]) ** 0.5, rel=0.05)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Depthwise convolution
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kernel, stride, padding", [(3, (1, 1, 1), 1), (3, (1, 2, 2), 1), ((5, 1, 1), 1, (2, 0, 0))])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_depthwise_conv_gradients_equal_aten(kernel, stride, padding, channels_last):
+    """DepthwiseConv3d's CPU backward gives ATen's gradients: 3x3x3 with and without stride, the stem's 5x1x1."""
+    torch.manual_seed(0)
+    conv = DepthwiseConv3d(12, kernel, stride=stride, padding=padding)
+    ref = nn.Conv3d(12, 12, kernel, stride=stride, padding=padding, groups=12, bias=False)
+    ref.weight.data.copy_(conv.weight.data)
+    x = torch.randn(3, 12, 5, 9, 11, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    conv, ref = conv.double(), ref.double()
+    outs = []
+    for module in (conv, ref):
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        upstream = torch.randn_like(y, generator=torch.Generator().manual_seed(1))
+        y.backward(upstream)
+        outs.append((y, xi.grad, module.weight.grad))
+    for got, want in zip(outs[0], outs[1]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda a: conv(a), x[:1, :, :3, :5, :5].clone().requires_grad_())
+    with torch.no_grad():  # inference takes the ordinary convolution
+        torch.testing.assert_close(conv(x), ref(x))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
