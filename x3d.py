@@ -119,6 +119,7 @@ class _DepthwiseConv3dFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")  # backward then runs under the forward's autocast state
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, ...],
                 padding: tuple[int, ...]) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
@@ -126,6 +127,7 @@ class _DepthwiseConv3dFunction(torch.autograd.Function):
         return F.conv3d(x, weight, None, stride, padding, 1, weight.shape[0])
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         stride, padding, channels = ctx.stride, ctx.padding, weight.shape[0]

@@ -143,6 +143,24 @@ def test_depthwise_conv_gradients_equal_aten(kernel, stride, padding, channels_l
         torch.testing.assert_close(conv(x), ref(x))
 
 
+def test_depthwise_conv_under_cpu_autocast():
+    """Under bf16 autocast the custom backward returns gradients in the parameters' dtype, close to fp32's."""
+    torch.manual_seed(0)
+    conv = DepthwiseConv3d(8, 3, padding=1)
+    x = torch.randn(2, 8, 4, 6, 6)
+    grads = []
+    for enabled in (False, True):
+        conv.weight.grad = None
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            y = conv(xi)
+        y.float().square().sum().backward()
+        grads.append((xi.grad, conv.weight.grad))
+    for want, got in zip(*grads):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Swish
 # ----------------------------------------------------------------------------------------------------------------------
