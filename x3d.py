@@ -109,13 +109,14 @@ class Swish(nn.Module):
 
 
 class _DepthwiseConv3dFunction(torch.autograd.Function):
-    """Depthwise conv3d whose backward avoids oneDNN's slow depthwise backward on CPUs without AVX-512.
+    """Depthwise conv3d with a backward that avoids oneDNN's depthwise backward, 5-20x slower than its forward on an
+    AVX2 CPU.
 
     Forward is the ordinary convolution. The input gradient of a stride-1 layer is a forward convolution with the
     flipped kernel (the fast path); strided layers keep ATen's input gradient. The weight gradient sums, for each
     kernel tap, the products of the gradient with the matching shifted input, in channels-last order so that the
-    channel dimension is contiguous. Measured on a 2-core AVX2 CPU: 1.5-2.3x faster X3D-XS training steps
-    (benchmarks/bench_model.py), equal gradients to float rounding (tests/test_x3d.py).
+    channel dimension is contiguous. Measured on a 2-core AVX2 CPU: X3D-XS training steps 1.15-2.2x faster
+    (benchmarks/bench_model.py), gradients equal to ATen's (tests/test_x3d.py).
     """
 
     @staticmethod

@@ -1,6 +1,6 @@
 """X3D training and inference speed on this machine: this project's x3d.py against PyTorchVideo's create_x3d.
 
-    python benchmarks/bench_model.py                  # X3D-XS at 4x160 (its training input) and the demo's 8x56
+    python benchmarks/bench_model.py                  # X3D-XS at 4x160 (its training input), the demo's 8x56 and 2x40
     python benchmarks/bench_model.py --seconds 10     # longer timing per row
 
 Rows, each at the same input and batch, with the same SGD step:
@@ -90,8 +90,9 @@ def measure(row: str, batch: int, frames: int, crop: int, seconds: float) -> dic
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--inputs", nargs="+", default=["8x4x160", "8x8x56"], metavar="BxTxS",
-                   help="Batch x frames x crop of each input (default: X3D-XS's training input and the demo's).")
+    p.add_argument("--inputs", nargs="+", default=["8x4x160", "8x8x56", "64x2x40"], metavar="BxTxS",
+                   help="Batch x frames x crop of each input (default: X3D-XS's training input, the demo's, and the "
+                        "demo's coarsest multigrid shape).")
     p.add_argument("--seconds", type=float, default=5.0, help="Timing length per row and mode.")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)  # row batch frames crop: measure one row, print JSON
