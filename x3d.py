@@ -135,8 +135,8 @@ class _DepthwiseConv3dFunction(torch.autograd.Function):
         grad = grad.contiguous(memory_format=torch.channels_last_3d)
         grad_input = grad_weight = None
         if ctx.needs_input_grad[0]:
-            if all(s == 1 for s in stride):
-                flipped_padding = tuple(k - 1 - p for k, p in zip(weight.shape[2:], padding))
+            flipped_padding = tuple(k - 1 - p for k, p in zip(weight.shape[2:], padding))
+            if all(s == 1 for s in stride) and min(flipped_padding) >= 0:
                 grad_input = F.conv3d(grad, weight.flip(2, 3, 4), None, 1, flipped_padding, 1, channels)
             else:
                 grad_input = torch.ops.aten.convolution_backward(
