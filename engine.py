@@ -198,6 +198,13 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
     return {k: 100.0 * hits[:, :k].any(1).float().mean().item() for k in ks}
 
 
+def per_class_top1(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[int, float]:
+    """Top-1 accuracy (%) of each class that has at least one video, keyed by class index."""
+    labels = labels.long()
+    hits = scores.argmax(1) == labels
+    return {k: 100.0 * hits[labels == k].float().mean().item() for k in range(num_classes) if (labels == k).any()}
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Precise BN: population statistics at the current shape before evaluating
 # ----------------------------------------------------------------------------------------------------------------------

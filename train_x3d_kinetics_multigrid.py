@@ -148,8 +148,13 @@ def evaluate(model, dataset: KineticsDataset, args, device, prefix: str) -> dict
     k5 = min(5, dataset.num_classes)
     acc = engine.topk_accuracy(scores[scored], labels[scored], ks=(1, k5))
     views = dataset.num_temporal_views * dataset.num_spatial_crops
-    return {f"{prefix}_top1": acc[1], f"{prefix}_top5": acc[k5], f"{prefix}_videos": int(scored.sum()),
-            f"{prefix}_views": views, f"{prefix}_failed_videos": int((counts < views).sum())}
+    stats = {f"{prefix}_top1": acc[1], f"{prefix}_top5": acc[k5], f"{prefix}_videos": int(scored.sum()),
+             f"{prefix}_views": views, f"{prefix}_failed_videos": int((counts < views).sum())}
+    if prefix == "test":  # per-class top-1 and their mean (mean class accuracy), for the final test only
+        per_class = engine.per_class_top1(scores[scored], labels[scored], dataset.num_classes)
+        stats[f"{prefix}_mean_class_top1"] = sum(per_class.values()) / max(len(per_class), 1)
+        stats[f"{prefix}_class_top1"] = {dataset.classes[k]: v for k, v in per_class.items()}
+    return stats
 
 
 def restore(ckpt: dict, model, optimizer, scaler) -> tuple[int, int, float]:
@@ -281,8 +286,10 @@ def _quick_eval(model, train_set, val_set, schedule, epoch, args, device) -> dic
 
 
 def _result_line(stats: dict, prefix: str) -> str:
+    mean_class = stats.get(f"{prefix}_mean_class_top1")
     return (f"{prefix}: video top-1 {stats[f'{prefix}_top1']:.2f}  top-5 {stats[f'{prefix}_top5']:.2f}  "
-            f"({stats[f'{prefix}_videos']} videos × {stats[f'{prefix}_views']} views)")
+            + (f"mean class top-1 {mean_class:.2f}  " if mean_class is not None else "")
+            + f"({stats[f'{prefix}_videos']} videos × {stats[f'{prefix}_views']} views)")
 
 
 if __name__ == "__main__":

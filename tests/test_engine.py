@@ -125,6 +125,12 @@ def test_topk_accuracy():
     assert acc[1] == pytest.approx(100 / 3) and acc[2] == pytest.approx(200 / 3)
 
 
+def test_per_class_top1_skips_classes_without_videos():
+    scores = torch.tensor([[0.9, 0.1, 0.0, 0.0], [0.2, 0.8, 0.0, 0.0], [0.6, 0.4, 0.0, 0.0], [0.1, 0.2, 0.7, 0.0]])
+    per_class = engine.per_class_top1(scores, torch.tensor([0, 1, 1, 2]), num_classes=4)
+    assert per_class == {0: 100.0, 1: 50.0, 2: 100.0}  # class 3 has no video: not scored, not counted as 0
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Precise BN
 # ----------------------------------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ def trained(data, tmp_path_factory) -> Path:
     return run
 
 
-def test_training_writes_run_folder(trained):
+def test_training_writes_run_folder(trained, data):
     log = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
     epochs = [r for r in log if "train_loss" in r]
     schedule = json.loads((trained / "schedule.json").read_text())
@@ -60,6 +60,10 @@ def test_training_writes_run_folder(trained):
     assert {r["shape"] for r in epochs} >= {"1x23", "2x23", "2x32", "4x32"}  # every long-cycle shape was trained
     assert all(0 <= r["train_data_wait"] <= 1 and r["val_videos"] == 4 for r in epochs)
     assert "test_top1" in log[-1] and log[-1]["test_views"] == 6 and log[-1]["test_videos"] == 4
+    per_class = log[-1]["test_class_top1"]
+    labels = (data / "labels.txt").read_text().split("\n")
+    assert list(per_class) == [label for label in labels if label] and len(per_class) == 2
+    assert log[-1]["test_mean_class_top1"] == pytest.approx(sum(per_class.values()) / len(per_class))
     ckpt = load_checkpoint_file(trained / "checkpoint.pt")
     assert ckpt["epoch"] == len(epochs) and ckpt["iteration"] == 0 and ckpt["model_cfg"]["frames"] == 4
     assert json.loads((trained / "args.json").read_text())["model"] == "x3d_xs"
