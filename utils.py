@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -201,10 +202,21 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 # The run folder's checkpoints: the latest, and the one before it in case the latest is damaged
 # ----------------------------------------------------------------------------------------------------------------------
 def save_run_checkpoint(obj: dict, run_dir: str | os.PathLike) -> Path:
-    """Write `<run>/checkpoint.pt` atomically, first moving the one it replaces to `checkpoint_prev.pt`."""
+    """Write `<run>/checkpoint.pt` atomically, keeping the one it replaces as `checkpoint_prev.pt`.
+
+    `checkpoint.pt` exists at every instant once written: the previous file is hard-linked (copied where links are
+    not supported) to `checkpoint_prev.pt` and the new one is renamed over it, so a kill at any point leaves a
+    complete latest checkpoint.
+    """
     latest, previous = Path(run_dir) / "checkpoint.pt", Path(run_dir) / "checkpoint_prev.pt"
     if latest.exists():
-        os.replace(latest, previous)  # a kill right after this leaves checkpoint_prev.pt to resume from
+        tmp = previous.with_name(f".{previous.name}.tmp{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(latest, tmp)
+        except OSError:
+            shutil.copyfile(latest, tmp)
+        os.replace(tmp, previous)
     save_checkpoint(obj, latest)
     return latest
 

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from utils import CheckpointError, load_checkpoint_file, save_checkpoint
+from utils import CheckpointError, load_checkpoint_file, save_checkpoint, save_run_checkpoint
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -62,3 +62,24 @@ def test_killed_writer_leaves_previous_checkpoint_intact(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], cwd=os.getcwd())
     assert proc.returncode == -signal.SIGKILL
     assert load_checkpoint_file(path)["epoch"] == 1
+
+
+def test_run_folder_always_has_a_latest_checkpoint(tmp_path):
+    save_run_checkpoint({"epoch": 1}, tmp_path)
+    save_run_checkpoint({"epoch": 2}, tmp_path)
+    assert load_checkpoint_file(tmp_path / "checkpoint.pt")["epoch"] == 2
+    assert load_checkpoint_file(tmp_path / "checkpoint_prev.pt")["epoch"] == 1
+    # Killed while writing the third: checkpoint.pt must still be there (a reader polling it never finds it missing).
+    script = textwrap.dedent(f"""
+        import os, signal, torch, utils
+        real_save = torch.save
+        def save_then_die(obj, f):
+            real_save(obj, f)
+            os.kill(os.getpid(), signal.SIGKILL)
+        torch.save = save_then_die
+        utils.save_run_checkpoint({{"epoch": 3}}, {str(tmp_path)!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=os.getcwd())
+    assert proc.returncode == -signal.SIGKILL
+    assert load_checkpoint_file(tmp_path / "checkpoint.pt")["epoch"] == 2
+    assert load_checkpoint_file(tmp_path / "checkpoint_prev.pt")["epoch"] == 2
