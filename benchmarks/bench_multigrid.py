@@ -4,6 +4,7 @@
     python benchmarks/bench_multigrid.py --epochs 6 --quick   # a shorter run
     python benchmarks/bench_multigrid.py --also short long    # and each cycle alone
     python benchmarks/bench_multigrid.py --also big-batch     # and the fixed shape at multigrid's largest batch
+    python benchmarks/bench_multigrid.py --frames 16 --sampling-rate 4 --crop 40   # another base shape
 
 The fixed-shape recipe trains N epochs at the base shape; multigrid derives its schedule from the same N (stretched by
 the epoch factor, as the paper does). Each recipe runs as its own process through train_x3d_kinetics_multigrid.py and
@@ -29,10 +30,10 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The demo's recipe (the Makefile's DEMO_FLAGS): X3D-XS at 8 frames × 56 px, demo videos 128 px on the short side,
-# no flip (it would turn "moving left" into "moving right"), no dropout.
-DEMO_INPUT = ["--model", "x3d_xs", "--frames", "8", "--sampling-rate", "8", "--crop", "56", "--jitter", "64", "80",
-              "--test-crop", "64", "--flip-prob", "0", "--dropout", "0", "--warmup-epochs", "1"]
+# The demo's recipe (the Makefile's DEMO_FLAGS) but the base shape: X3D-XS, demo videos 128 px on the short side
+# scaled to 64-80, no flip (it would turn "moving left" into "moving right"), no dropout.
+DEMO_INPUT = ["--model", "x3d_xs", "--jitter", "64", "80", "--test-crop", "64", "--flip-prob", "0", "--dropout", "0",
+              "--warmup-epochs", "1"]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -41,6 +42,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default="data/demo/kinetics", help="Kinetics-layout data (demo data by default).")
     p.add_argument("--out", default="logs/bench_multigrid", help="Folder for the runs.")
     p.add_argument("--epochs", type=int, default=30, help="Epochs of the fixed-shape recipe (N).")
+    p.add_argument("--frames", type=int, default=8, help="Frames of the base shape (the demo's: 8).")
+    p.add_argument("--sampling-rate", type=int, default=8, help="Frame stride of the base shape (the demo's: 8).")
+    p.add_argument("--crop", type=int, default=56, help="Training crop of the base shape (the demo's: 56).")
     p.add_argument("--batch-size", type=int, default=8, help="Clips per iteration at the base shape.")
     p.add_argument("--lr", type=float, default=0.015, help="LR at the base shape (both recipes).")
     p.add_argument("--workers", type=int, default=2, help="Data-loading processes.")
@@ -52,6 +56,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def base_shape(args: argparse.Namespace) -> list[str]:
+    """The trainer's flags for the base clip shape."""
+    return ["--frames", str(args.frames), "--sampling-rate", str(args.sampling_rate), "--crop", str(args.crop)]
+
+
 def run_recipe(args: argparse.Namespace, name: str, multigrid: str, batch_factor: int = 1) -> dict:
     """Train one recipe from scratch in its own process; returns its wall-clock and final log lines."""
     run_dir = Path(args.out) / re.sub(r"\W+", "_", name)
@@ -60,8 +69,9 @@ def run_recipe(args: argparse.Namespace, name: str, multigrid: str, batch_factor
             f.unlink()
     views = "2" if args.quick else str(args.test_views)
     cmd = [sys.executable, str(ROOT / "train_x3d_kinetics_multigrid.py"), "--data-root", args.data_root,
-           "--output-dir", str(run_dir), *DEMO_INPUT, "--batch-size", str(args.batch_size * batch_factor),
-           "--epochs", str(args.epochs), "--lr", str(args.lr * batch_factor), "--multigrid", multigrid,
+           "--output-dir", str(run_dir), *DEMO_INPUT, *base_shape(args),
+           "--batch-size", str(args.batch_size * batch_factor), "--epochs", str(args.epochs),
+           "--lr", str(args.lr * batch_factor), "--multigrid", multigrid,
            "--workers", str(args.workers), "--eval-every", "1000", "--precise-bn-batches", "20",
            "--test-views", views, "--no-progress"]
     start = time.perf_counter()
@@ -98,7 +108,7 @@ def main(args: argparse.Namespace) -> None:
         print(f"| {r['name']} | {len(r['epochs'])} | {iters} | {seconds / 60:.1f} min | {base / seconds:.2f}× | "
               f"{r['wall'] / 60:.1f} min | {t['test_top1']:.1f} | {t['test_top5']:.1f} |")
     print(f"\n({results[0]['test']['test_videos']} test videos × {results[0]['test']['test_views']} views; "
-          f"{args.epochs} base epochs, batch {args.batch_size}, {' '.join(DEMO_INPUT)})")
+          f"{args.epochs} base epochs, batch {args.batch_size}, {' '.join(DEMO_INPUT + base_shape(args))})")
     print("\n| test top-1 per class | " + " | ".join(r["name"] for r in results) + " |")
     print("|---|" + "---:|" * len(results))
     for label in results[0]["test"]["test_class_top1"]:
