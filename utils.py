@@ -53,6 +53,11 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict:
     return obj
 
 
+def _temp_path(path: Path) -> Path:
+    """A hidden file beside `path`, private to this process, to write before renaming over `path`."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
 def save_checkpoint(obj: dict, *paths: str | os.PathLike) -> None:
     """Write `obj` to each path atomically: a temp file in the same folder, fsync, then rename over the target.
 
@@ -61,7 +66,7 @@ def save_checkpoint(obj: dict, *paths: str | os.PathLike) -> None:
     for path in paths:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp = _temp_path(path)
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -163,7 +168,7 @@ def write_json(obj: object, path: str | os.PathLike) -> None:
     """Write JSON atomically (rank 0 decides whether to call this)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _temp_path(path)
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
     os.replace(tmp, path)
 
@@ -210,7 +215,7 @@ def save_run_checkpoint(obj: dict, run_dir: str | os.PathLike) -> Path:
     """
     latest, previous = Path(run_dir) / "checkpoint.pt", Path(run_dir) / "checkpoint_prev.pt"
     if latest.exists():
-        tmp = previous.with_name(f".{previous.name}.tmp{os.getpid()}")
+        tmp = _temp_path(previous)
         tmp.unlink(missing_ok=True)
         try:
             os.link(latest, tmp)
