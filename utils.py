@@ -230,16 +230,24 @@ def load_run_checkpoint(run_dir: str | os.PathLike,
                         explicit: str | os.PathLike | None = None) -> tuple[dict, Path] | None:
     """The checkpoint to resume from: `explicit` if given, else the run folder's latest readable one, else None.
 
-    A damaged latest file is reported (path and reason) and the previous checkpoint is used instead.
+    A damaged latest file is reported (path and reason) and the previous checkpoint is used instead. The main process
+    moves the damaged file aside to `checkpoint_damaged.pt`, so that the next save does not keep it as
+    `checkpoint_prev.pt` in place of the good one.
     """
     if explicit is not None:
         return load_checkpoint_file(explicit), Path(explicit)
-    candidates = [p for p in (Path(run_dir) / "checkpoint.pt", Path(run_dir) / "checkpoint_prev.pt") if p.exists()]
+    latest, previous = Path(run_dir) / "checkpoint.pt", Path(run_dir) / "checkpoint_prev.pt"
+    candidates = [p for p in (latest, previous) if p.exists()]
     for i, path in enumerate(candidates):
         try:
             return load_checkpoint_file(path), path
         except CheckpointError as e:
             if i + 1 == len(candidates):
                 raise
-            print(f"warning: {e}; resuming from the previous checkpoint {candidates[i + 1]} instead", file=sys.stderr)
+            note = ""
+            if is_main_process():
+                os.replace(path, path.with_name("checkpoint_damaged.pt"))
+                note = f" (the damaged file is kept as {path.with_name('checkpoint_damaged.pt')})"
+            print(f"warning: {e}; resuming from the previous checkpoint {candidates[i + 1]} instead{note}",
+                  file=sys.stderr)
     return None

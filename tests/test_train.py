@@ -119,6 +119,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(trained, data,
     assert result.returncode == 0, result.stderr
     assert f"{run / 'checkpoint.pt'}: not a readable checkpoint" in result.stderr
     assert "resuming from the previous checkpoint" in result.stderr and "Resumed from" in result.stdout
+    assert (run / "checkpoint_damaged.pt").read_bytes() == b"\x00" * 100
 
     (run / "checkpoint_prev.pt").write_bytes(b"garbage")
     result = run_script(flags(data, run))

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from utils import CheckpointError, load_checkpoint_file, save_checkpoint, save_run_checkpoint
+from utils import CheckpointError, load_checkpoint_file, load_run_checkpoint, save_checkpoint, save_run_checkpoint
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -62,6 +62,19 @@ def test_killed_writer_leaves_previous_checkpoint_intact(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], cwd=os.getcwd())
     assert proc.returncode == -signal.SIGKILL
     assert load_checkpoint_file(path)["epoch"] == 1
+
+
+def test_resuming_past_a_damaged_checkpoint_keeps_the_good_one(tmp_path):
+    save_run_checkpoint({"epoch": 1}, tmp_path)
+    save_run_checkpoint({"epoch": 2}, tmp_path)
+    (tmp_path / "checkpoint.pt").write_bytes(b"\x00" * 100)
+    state, path = load_run_checkpoint(tmp_path)
+    assert state["epoch"] == 1 and path == tmp_path / "checkpoint_prev.pt"
+    assert (tmp_path / "checkpoint_damaged.pt").read_bytes() == b"\x00" * 100
+    # The next save must not keep the damaged file as the previous checkpoint in place of the good one.
+    save_run_checkpoint({"epoch": 2}, tmp_path)
+    assert load_checkpoint_file(tmp_path / "checkpoint.pt")["epoch"] == 2
+    assert load_checkpoint_file(tmp_path / "checkpoint_prev.pt")["epoch"] == 1
 
 
 def test_run_folder_always_has_a_latest_checkpoint(tmp_path):
