@@ -4,6 +4,7 @@
     python benchmarks/bench_multigrid.py --epochs 6 --quick   # a shorter run
     python benchmarks/bench_multigrid.py --also short long    # and each cycle alone
     python benchmarks/bench_multigrid.py --also big-batch     # and the fixed shape at multigrid's largest batch
+    python benchmarks/bench_multigrid.py --also same-steps same-time   # and the fixed shape for fewer epochs
     python benchmarks/bench_multigrid.py --frames 16 --sampling-rate 4 --crop 40   # another base shape
 
 The fixed-shape recipe trains N epochs at the base shape; multigrid derives its schedule from the same N (stretched by
@@ -16,6 +17,8 @@ training loop waited for batches) per multigrid shape.
 `big-batch` is a control without any change of shape: the fixed recipe with the batch and LR multiplied by 8, the
 factors multigrid uses at its coarsest long-cycle shape (linear scaling). It takes 8x fewer optimizer steps for the same
 epochs and tells how much of multigrid's accuracy change comes from fewer, larger steps rather than from the shapes.
+`same-steps` and `same-time` are the fixed recipe again, for the whole number of epochs that comes closest to
+multigrid's number of iterations or to its training time: what the fixed shape reaches with multigrid's budget.
 """
 
 from __future__ import annotations
@@ -50,9 +53,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="Data-loading processes.")
     p.add_argument("--test-views", type=int, default=10, help="Temporal views of the final test (× 3 crops).")
     p.add_argument("--quick", action="store_true", help="Fewer test views, for a fast look.")
-    p.add_argument("--also", nargs="*", default=[], choices=["short", "long", "big-batch"],
-                   help="Also run multigrid with only the short or only the long cycle, or the fixed shape at an "
-                        "8x batch and LR.")
+    p.add_argument("--also", nargs="*", default=[], choices=["short", "long", "big-batch", "same-steps", "same-time"],
+                   help="Also run multigrid with only the short or only the long cycle, the fixed shape at an "
+                        "8x batch and LR, or the fixed shape for multigrid's number of iterations or training time.")
     return p
 
 
@@ -61,16 +64,17 @@ def base_shape(args: argparse.Namespace) -> list[str]:
     return ["--frames", str(args.frames), "--sampling-rate", str(args.sampling_rate), "--crop", str(args.crop)]
 
 
-def run_recipe(args: argparse.Namespace, name: str, multigrid: str, batch_factor: int = 1) -> dict:
+def run_recipe(args: argparse.Namespace, name: str, multigrid: str, batch_factor: int = 1,
+               epochs: int | None = None) -> dict:
     """Train one recipe from scratch in its own process; returns its wall-clock and final log lines."""
-    run_dir = Path(args.out) / re.sub(r"\W+", "_", name)
+    run_dir = Path(args.out) / re.sub(r"\W+", "_", name).strip("_")
     if run_dir.exists():
         for f in run_dir.iterdir():  # always from scratch: a leftover checkpoint would resume
             f.unlink()
     views = "2" if args.quick else str(args.test_views)
     cmd = [sys.executable, str(ROOT / "train_x3d_kinetics_multigrid.py"), "--data-root", args.data_root,
            "--output-dir", str(run_dir), *DEMO_INPUT, *base_shape(args),
-           "--batch-size", str(args.batch_size * batch_factor), "--epochs", str(args.epochs),
+           "--batch-size", str(args.batch_size * batch_factor), "--epochs", str(epochs or args.epochs),
            "--lr", str(args.lr * batch_factor), "--multigrid", multigrid,
            "--workers", str(args.workers), "--eval-every", "1000", "--precise-bn-batches", "20",
            "--test-views", views, "--no-progress"]
@@ -94,10 +98,19 @@ def main(args: argparse.Namespace) -> None:
     if not (Path(args.data_root) / "annotations").exists():
         subprocess.run([sys.executable, str(ROOT / "tools/make_demo_data.py"), "--out",
                         str(Path(args.data_root).parent), "--datasets", "kinetics"], check=True, cwd=ROOT)
-    results = [run_recipe(args, "fixed", "none"), run_recipe(args, "multigrid", "both")]
-    results += [run_recipe(args, f"{mode} cycle only", mode) for mode in args.also if mode != "big-batch"]
+    fixed, multigrid = run_recipe(args, "fixed", "none"), run_recipe(args, "multigrid", "both")
+    results = [fixed, multigrid]
+    results += [run_recipe(args, f"{mode} cycle only", mode) for mode in ("short", "long") if mode in args.also]
     if "big-batch" in args.also:
         results.append(run_recipe(args, "fixed, 8x batch and LR", "none", batch_factor=8))
+    # Fixed-shape controls on multigrid's budget, in whole epochs of the fixed recipe (at least 2: 1 is warm-up).
+    controls = defaultdict(list)  # epochs -> which controls they are (one run when both round to the same)
+    for control, key in (("same-steps", "train_iters"), ("same-time", "train_seconds")):
+        if control in args.also:
+            per_epoch = sum(e[key] for e in fixed["epochs"]) / len(fixed["epochs"])
+            controls[max(2, round(sum(e[key] for e in multigrid["epochs"]) / per_epoch))].append(control)
+    for n, names in controls.items():
+        results.append(run_recipe(args, f"fixed, {n} epochs ({', '.join(names)})", "none", epochs=n))
     train_time = {r["name"]: sum(e["train_seconds"] for e in r["epochs"]) for r in results}
     base = train_time["fixed"]
     print("\n| recipe | epochs | iterations | training time | speed-up | wall-clock | test top-1 | test top-5 |")
@@ -115,7 +128,7 @@ def main(args: argparse.Namespace) -> None:
         print(f"| {label} | " + " | ".join(f"{r['test']['test_class_top1'][label]:.0f}" for r in results) + " |")
     print("\n| multigrid shape (T x crop) | data-wait share |")
     print("|---|---:|")
-    for shape, share in data_wait_by_shape(results[1]["epochs"]).items():
+    for shape, share in data_wait_by_shape(multigrid["epochs"]).items():
         print(f"| {shape} | {100 * share:.1f}% |")
 
 
