@@ -236,18 +236,17 @@ def load_run_checkpoint(run_dir: str | os.PathLike,
     """
     if explicit is not None:
         return load_checkpoint_file(explicit), Path(explicit)
-    latest, previous = Path(run_dir) / "checkpoint.pt", Path(run_dir) / "checkpoint_prev.pt"
-    candidates = [p for p in (latest, previous) if p.exists()]
+    candidates = [p for p in (Path(run_dir) / "checkpoint.pt", Path(run_dir) / "checkpoint_prev.pt") if p.exists()]
     for i, path in enumerate(candidates):
         try:
             return load_checkpoint_file(path), path
         except CheckpointError as e:
             if i + 1 == len(candidates):
                 raise
-            note = ""
+            note, damaged = "", path.with_name("checkpoint_damaged.pt")
             if is_main_process():
-                os.replace(path, path.with_name("checkpoint_damaged.pt"))
-                note = f" (the damaged file is kept as {path.with_name('checkpoint_damaged.pt')})"
+                os.replace(path, damaged)
+                note = f" (the damaged file is kept as {damaged})"
             print(f"warning: {e}; resuming from the previous checkpoint {candidates[i + 1]} instead{note}",
                   file=sys.stderr)
     return None
