@@ -5,7 +5,8 @@
 
 It writes its own inputs to a temporary folder: Kinetics-like 340x256 H.264 clips (10 s at 30 fps) with a keyframe
 every 2 s and with a single keyframe (what ffmpeg's default keyint gives a re-encoded 10 s clip), the same frames as
-a JPEG folder and as a 640x480 JPEG folder (Charades-like frames), and a 170x128 demo-sized clip and folder. Each
+a JPEG folder and as a 640x480 JPEG folder (Charades-like frames), and 170x128 demo-sized clips (a keyframe every 16
+frames, as tools/make_demo_data.py writes them, and a single keyframe) and folder. Each
 cell reads clips at random start positions with `video_io.read_frames` and augments them with
 `transforms.train_clip` (or `test_clip`), one thread, as a data-loader worker does. The "one decoding pass" rows
 decode every frame up to the last one needed, the usual simple reader, for comparison with video_io's reader.
@@ -48,10 +49,11 @@ SHAPES = [
     Shape("X3D-XS test 4x12 @182", 4, 12, 182, None, "kinetics"),
     Shape("X3D-M train 16x5 @224", 16, 5, 224, (256, 320), "kinetics"),
     Shape("X3D-M long cycle 4x20 @158", 4, 20, 158, (181, 226), "kinetics"),
-    Shape("demo 8x4 @112", 8, 4, 112, (128, 160), "demo"),
-    Shape("demo 8x4 @79", 8, 4, 79, (90, 113), "demo"),
-    Shape("demo 8x4 @56", 8, 4, 56, (64, 80), "demo"),
-    Shape("demo long cycle 2x16 @79", 2, 16, 79, (90, 113), "demo"),
+    # make demo's recipe: base shape, short cycle's smallest crop, long cycle's coarsest shape (rate 8-32), test view
+    Shape("demo 8x8 @56", 8, 8, 56, (64, 80), "demo"),
+    Shape("demo short cycle 8x8 @28", 8, 8, 28, (32, 80), "demo"),
+    Shape("demo long cycle 2x20 @40", 2, 20, 40, (46, 80), "demo"),
+    Shape("demo test 8x8 @64", 8, 8, 64, None, "demo"),
 ]
 
 
@@ -125,14 +127,16 @@ def make_inputs(root: str, seed: int) -> dict[str, str]:
         "kinetics_gop10s": os.path.join(root, "kinetics_gop10s.mp4"),
         "kinetics_jpeg": os.path.join(root, "kinetics_jpeg"),
         "charades_jpeg": os.path.join(root, "charades_jpeg"),
-        "demo_mp4": os.path.join(root, "demo.mp4"),
+        "demo_gop16": os.path.join(root, "demo_gop16.mp4"),
+        "demo_gop150": os.path.join(root, "demo_gop150.mp4"),
         "demo_jpeg": os.path.join(root, "demo_jpeg"),
     }
     write_mp4(paths["kinetics_gop2s"], kinetics, 60)
     write_mp4(paths["kinetics_gop10s"], kinetics, 300)
     write_jpegs(paths["kinetics_jpeg"], kinetics)
     write_jpegs(paths["charades_jpeg"], kinetics, size=(640, 480))
-    write_mp4(paths["demo_mp4"], demo, 250)
+    write_mp4(paths["demo_gop16"], demo, 16)
+    write_mp4(paths["demo_gop150"], demo, 150)
     write_jpegs(paths["demo_jpeg"], demo)
     return paths
 
@@ -151,7 +155,7 @@ def read_one_pass(path: str, indices: list[int], min_short_side: int | None = No
         stream.codec_context.thread_count = 1
         for i, frame in enumerate(container.decode(stream)):
             if i in wanted:
-                frames[i] = frame.to_ndarray(format="rgb24")
+                frames[i] = frame.to_ndarray(format="rgb24", threads=1)  # video_io's conversion
             if i >= last:
                 break
     return torch.from_numpy(np.stack([frames[i] for i in indices])).permute(0, 3, 1, 2)
@@ -189,17 +193,17 @@ class Row(NamedTuple):
 
 def benchmark_rows(paths: dict[str, str]) -> list[Row]:
     """Every (input format, reader) pair the table compares."""
-    gop_2s = {"kinetics": paths["kinetics_gop2s"], "demo": paths["demo_mp4"]}
-    single_keyframe = {"kinetics": paths["kinetics_gop10s"], "demo": paths["demo_mp4"]}
+    gop_2s = {"kinetics": paths["kinetics_gop2s"], "demo": paths["demo_gop16"]}
+    single_keyframe = {"kinetics": paths["kinetics_gop10s"], "demo": paths["demo_gop150"]}
     rows = [
-        Row("mp4, keyframe every 2 s: video_io PyAV", gop_2s, reader("pyav")),
-        Row("mp4, keyframe every 2 s: one decoding pass", gop_2s, read_one_pass),
+        Row("mp4, keyframe every 2 s (demo: 16 frames): video_io PyAV", gop_2s, reader("pyav")),
+        Row("mp4, keyframe every 2 s (demo: 16 frames): one decoding pass", gop_2s, read_one_pass),
         Row("mp4, one keyframe: video_io PyAV", single_keyframe, reader("pyav")),
         Row("mp4, one keyframe: one decoding pass", single_keyframe, read_one_pass),
     ]
     if "torchcodec" in video_io.available_backends():
         rows += [
-            Row("mp4, keyframe every 2 s: torchcodec", gop_2s, reader("torchcodec")),
+            Row("mp4, keyframe every 2 s (demo: 16 frames): torchcodec", gop_2s, reader("torchcodec")),
             Row("mp4, one keyframe: torchcodec", single_keyframe, reader("torchcodec")),
         ]
     jpeg = {"kinetics": paths["kinetics_jpeg"], "demo": paths["demo_jpeg"]}
