@@ -214,8 +214,8 @@ def _decode_packet(codec: av.CodecContext, packet: av.Packet | None) -> list[av.
 
 
 def _rgb(frame: av.VideoFrame) -> np.ndarray:
-    # One swscale thread: PyAV's default (0, automatic) starts a thread pool for every frame it converts, which took
-    # 1.5x the time of the whole clip read on demo-sized frames. The pixels are the same.
+    # One swscale thread: PyAV's default (0, automatic) starts a thread pool for every frame it converts. With one,
+    # clips read 1.1-1.4x faster (benchmarks/bench_data.py), with the same pixels.
     return frame.to_ndarray(format="rgb24", threads=1)  # (H, W, 3)
 
 

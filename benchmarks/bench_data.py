@@ -6,9 +6,9 @@
 It writes its own inputs to a temporary folder: Kinetics-like 340x256 H.264 clips (10 s at 30 fps) with a keyframe
 every 2 s and with a single keyframe (what ffmpeg's default keyint gives a re-encoded 10 s clip), the same frames as
 a JPEG folder and as a 640x480 JPEG folder (Charades-like frames), and 170x128 demo-sized clips (a keyframe every 16
-frames, as tools/make_demo_data.py writes them, and a single keyframe) and folder. Each
-cell reads clips at random start positions with `video_io.read_frames` and augments them with
-`transforms.train_clip` (or `test_clip`), one thread, as a data-loader worker does. The "one decoding pass" rows
+frames, as tools/make_demo_data.py writes them, and a single keyframe) and folder. Each cell reads clips at random
+start positions with `video_io.read_frames` and augments them with `transforms.train_clip` (or `test_clip`), one
+thread, as a data-loader worker does. The "one decoding pass" rows
 decode every frame up to the last one needed, the usual simple reader, for comparison with video_io's reader.
 """
 
