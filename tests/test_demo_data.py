@@ -1,5 +1,7 @@
 """tools/make_demo_data.py: layouts and CSVs as the official data sets, decodable files, determinism under the seed,
-and the property the demo relies on: a single frame says nothing about the class, the change between frames does."""
+and the properties each set relies on. Appearance set (the default, the Kinetics regime): a single frame tells the
+kind of actor, which is the class for most classes, the motion tells the rest, and the motion is band-limited for
+multigrid's coarsest clips. Motion set: a single frame says nothing about the class, the change between frames does."""
 
 from __future__ import annotations
 
@@ -43,9 +45,9 @@ def decode(path: Path) -> np.ndarray:
         return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
 
 
-SMALL = ["--classes", "3", "--train-per-class", "2", "--val-per-class", "1", "--seconds", "2", "--size", "64",
-         "--charades-classes", "5", "--charades-videos", "4", "--charades-test-videos", "2", "--workers", "1",
-         "--shake", "0"]  # no camera jitter, so that still objects are exactly still
+SMALL = ["--regime", "motion", "--classes", "3", "--train-per-class", "2", "--val-per-class", "1", "--seconds", "2",
+         "--size", "64", "--charades-classes", "5", "--charades-videos", "4", "--charades-test-videos", "2",
+         "--workers", "1", "--shake", "0"]  # no camera jitter, so that still objects are exactly still
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +142,8 @@ def test_charades_objects_move_exactly_during_their_segments(small: Path) -> Non
 
 
 def test_same_seed_same_data_any_workers_other_seed_other_data(tmp_path: Path) -> None:
-    tiny = ["--classes", "2", "--train-per-class", "1", "--val-per-class", "1", "--seconds", "1", "--size", "32",
-            "--charades-classes", "4", "--charades-videos", "1", "--charades-test-videos", "1",
+    tiny = ["--regime", "motion", "--classes", "2", "--train-per-class", "1", "--val-per-class", "1", "--seconds", "1",
+            "--size", "32", "--charades-classes", "4", "--charades-videos", "1", "--charades-test-videos", "1",
             "--charades-seconds", "3", "3", "--shake", "2"]  # camera jitter draws from the random stream too
     a = generate(tmp_path / "a", *tiny, "--workers", "1")
     b = generate(tmp_path / "b", *tiny, "--workers", "2")
@@ -161,8 +163,8 @@ def test_same_seed_same_data_any_workers_other_seed_other_data(tmp_path: Path) -
 
 
 def test_rerun_skips_remakes_and_refuses_foreign_folders(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    tiny = ["--datasets", "kinetics", "--classes", "1", "--train-per-class", "1", "--val-per-class", "0",
-            "--seconds", "1", "--size", "32", "--workers", "1"]
+    tiny = ["--datasets", "kinetics", "--regime", "motion", "--classes", "1", "--train-per-class", "1",
+            "--val-per-class", "0", "--seconds", "1", "--size", "32", "--workers", "1"]
     generate(tmp_path / "d", *tiny)
     stale = tmp_path / "d" / "kinetics" / "train" / "stale.mp4"
     stale.write_bytes(b"")
@@ -174,7 +176,9 @@ def test_rerun_skips_remakes_and_refuses_foreign_folders(tmp_path: Path, capsys:
     with pytest.raises(FileExistsError, match="not made by this tool"):
         generate(tmp_path / "e", *tiny)
     with pytest.raises(ValueError, match="--classes"):
-        generate(tmp_path / "f", *tiny[:2], "--classes", "81")
+        generate(tmp_path / "f", *tiny[:4], "--classes", "81")
+    with pytest.raises(ValueError, match="--classes must be in 2..10"):
+        generate(tmp_path / "f", *tiny[:2], "--classes", "11")
 
 
 def test_class_lists() -> None:
@@ -231,7 +235,8 @@ def cv_accuracy(x: np.ndarray, y: np.ndarray, videos: np.ndarray, linear: bool) 
 
 
 def test_single_frame_is_near_chance_two_frames_separate_motions(tmp_path: Path) -> None:
-    out = generate(tmp_path / "k", "--datasets", "kinetics", "--classes", "8", "--train-per-class", "20",
+    out = generate(tmp_path / "k", "--datasets", "kinetics", "--regime", "motion", "--classes", "8",
+                   "--train-per-class", "20",
                    "--val-per-class", "0", "--seconds", "2", "--size", "64", "--workers", "2")
     labels = (out / "kinetics" / "labels.txt").read_text().splitlines()
     rows = read_csv(out / "kinetics" / "annotations" / "train.csv")[1]
@@ -252,3 +257,57 @@ def test_single_frame_is_near_chance_two_frames_separate_motions(tmp_path: Path)
         assert cv_accuracy(pairs[chosen][:, columns], y[chosen], ids[chosen], linear=False) > 0.9, names
         chosen = np.isin(single_y, [labels.index(n) for n in names])
         assert cv_accuracy(single[chosen], single_y[chosen], single_ids[chosen], linear=False) < 1.4 / len(names), names
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Appearance set: a single frame tells the kind of actor, the motion tells the rest, band-limited for multigrid
+# ----------------------------------------------------------------------------------------------------------------------
+
+def hue_features(frame: np.ndarray) -> np.ndarray:
+    """Histogram of the hue of saturated pixels (36 bins): what a frame shows of the actors' colours."""
+    hsv = np.asarray(Image.fromarray(frame).convert("HSV"), np.float32) / 255
+    hue = hsv[..., 0][(hsv[..., 1] > 0.5) & (hsv[..., 2] > 0.4)]
+    return np.histogram(hue, bins=36, range=(0, 1))[0] / max(len(hue), 1)
+
+
+def test_single_frame_tells_the_kind_motion_tells_the_pairs(tmp_path: Path) -> None:
+    out = generate(tmp_path / "a", "--datasets", "kinetics", "--train-per-class", "15", "--val-per-class", "0",
+                   "--seconds", "2", "--size", "64", "--workers", "2")
+    root = out / "kinetics"
+    labels = (root / "labels.txt").read_text().splitlines()
+    assert len(labels) == 8 and {c.name for c in mdd.APPEARANCE_CLASSES[:8]} == set(labels)
+    rows = read_csv(root / "annotations" / "train.csv")[1]
+    videos = [decode(kinetics_path(root, r)) for r in rows]
+    y, ids = np.array([labels.index(r["label"]) for r in rows]), np.arange(len(rows))
+    kind = np.array([labels.index(min(n for n in labels if n.split()[:2] == labels[c].split()[:2])) for c in y])
+    rng = np.random.default_rng(0)
+    frames = [(v[t], i) for i, v in enumerate(videos) for t in rng.choice(len(v), 3, replace=False)]
+    x = np.stack([hue_features(f) for f, _ in frames])
+    frame_ids = np.array([i for _, i in frames])
+    # the kind shows in every frame; the class only where the kind is a class of its own: 6 of 8 at best
+    assert cv_accuracy(x, kind[frame_ids], frame_ids, linear=False) > 0.95
+    assert 0.6 < cv_accuracy(x, y[frame_ids], frame_ids, linear=True) < 0.8
+    # the red discs' direction shows between frames: the objects' shift 16 frames apart
+    red = np.isin(y, [labels.index("red discs moving left"), labels.index("red discs moving right")])
+    shifts = np.stack([two_frame_features(v)[:2] for v, chosen in zip(videos, red) if chosen])
+    assert cv_accuracy(shifts, y[red], ids[red], linear=False) > 0.9
+
+
+@pytest.mark.parametrize("cls", range(len(mdd.APPEARANCE_CLASSES)))
+def test_appearance_motion_is_band_limited(cls: int) -> None:
+    """Between two frames COARSE_GAP apart (multigrid's coarsest demo clip): no actor leaves the frame, turns half a
+    turn, or moves half the distance to another actor."""
+    scene, (width, height), seconds = mdd.APPEARANCE_CLASSES[cls], mdd.frame_size(96), 3.0
+    for seed in range(30):
+        sprites = mdd.place_kind_sprites(scene, np.random.default_rng([seed, cls]), width, height, seconds)
+        assert 2 <= len(sprites) <= 5
+        times = np.linspace(0, seconds, 91)[:, None]
+        for s in sprites:
+            path = s.pos0 + times * s.velocity
+            assert np.all(path - s.radius >= 0) and np.all(path + s.radius <= (width, height))
+            assert abs(s.omega) * mdd.COARSE_GAP < np.pi
+            shift = np.linalg.norm(s.velocity) * mdd.COARSE_GAP
+            for o in sprites:
+                if o is not s:
+                    distance = np.linalg.norm(path - (o.pos0 + times * o.velocity), axis=1).min()
+                    assert shift < distance / 2 and distance > s.radius + o.radius

@@ -1,27 +1,36 @@
-"""Generate small synthetic Kinetics-style and Charades-style data sets in which only motion tells classes apart.
+"""Generate small synthetic Kinetics-style and Charades-style data sets.
 
-    python tools/make_demo_data.py --out data/demo                      # about 20 s on 2 cores
-    python tools/make_demo_data.py --out data/demo --classes 20 --train-per-class 100 --size 256
+    python tools/make_demo_data.py --out data/demo                      # about 30 s on 2 cores
+    python tools/make_demo_data.py --out data/demo --regime motion      # the motion-only set
+    python tools/make_demo_data.py --out data/demo --classes 10 --train-per-class 100 --size 128
 
 Kinetics-style (DIR/kinetics): H.264 mp4 files at 30 fps, a keyframe every 16 frames, in the official layout
     annotations/{train,validate}.csv   label,youtube_id,time_start,time_end,split
     {train,val}/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4
     labels.txt                         one class per line, alphabetical (= the class index)
-Each class is a motion that 8-14 objects in the video perform: moving left/right/up/down, rotating clockwise/
-counterclockwise, growing/shrinking (each object again and again from small to large, or from large to small), and
-beyond 8 classes diagonals and combinations of the three. A horizontal flip turns left into right and clockwise into
-counterclockwise, so training on this set must not flip.
+
+Two regimes (--regime):
+- appearance (the default) is the regime Kinetics sits in, where multigrid is meant to pay: most of a class shows in
+  any single frame at low resolution, motion settles the rest. Each class has its own kind of actor (a hue band and a
+  bold silhouette: red discs, green squares, ...), except that two kinds come in two classes each that differ only in
+  their direction (red discs moving left or right, blue stars moving up or down), so a model of single frames can be
+  right on 6 of 8 videos at best. The motion is smooth and band-limited for multigrid's coarsest clip (2 frames up to
+  32 frames apart, COARSE_GAP): between two such frames no actor leaves the frame or wraps, turns half a turn, or
+  moves half the distance to another actor. 3-5 actors per video on a muted, static, textured background.
+- motion: each class is a motion that 8-14 objects perform: moving left/right/up/down, rotating clockwise/
+  counterclockwise, growing/shrinking (each object again and again from small to large, or from large to small), and
+  beyond 8 classes diagonals and combinations of the three. Objects are drawn on the torus of the frame, and
+  positions, orientations, sizes, shapes and colours have the same distribution in every class, so no single frame
+  tells the class; only the change between frames does. Multigrid's two-frame clips cannot learn it.
+In both, a horizontal flip turns left into right (and clockwise into counterclockwise), so training must not flip.
 
 Charades-style (DIR/charades): JPEG frames at 24 fps in Charades_v1_rgb/<id>/<id>-000001.jpg, the official CSV
 columns with an `actions` column like `c003 1.20 4.50;c007 0.00 3.10`, and Charades_v1_classes.txt. Class c is an
 object of one colour doing one motion; it sits still outside its action segments, and other-coloured objects that
 never move share the scene, so colour alone does not tell which actions happen, and when.
 
-Why a single frame says nothing about the class: every object is drawn on the torus of the frame (it wraps around the
-edges whether it moves or not), positions, orientations, sizes, shapes and colours have the same distribution in every
-class, and there is no blur or trail. Only the change between frames shows the direction, the rotation sense or
-whether sizes go up or down. Everything is a pure function of --seed: each video has its own random stream, so the
-output does not depend on how many worker processes render it.
+Everything is a pure function of --seed: each video has its own random stream, so the output does not depend on how
+many worker processes render it.
 """
 
 from __future__ import annotations
@@ -122,6 +131,82 @@ def charades_classes(n: int) -> list[tuple[str, float, Motion]]:
     return classes
 
 
+# ---- Classes of the Kinetics-regime set (the default) ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Kind:
+    """What the actors of a class look like: a hue band (degrees, ±HUE_SPREAD) and a bold silhouette."""
+
+    colour: str
+    hue: float
+    shape: str  # a key of SILHOUETTES
+
+
+@dataclass(frozen=True)
+class KindClass:
+    """A class of the Kinetics-regime set: its actors' kind and their motion (None: each drifts its own way)."""
+
+    name: str
+    kind: Kind
+    motion: Motion | None
+
+
+def _polygon(points: int, phase: float = 0.0, radii: Iterable[float] = (1.0,)) -> np.ndarray:
+    """(points, 2) outline of unit size: a regular polygon, or a star when radii alternate."""
+    radii = list(radii)
+    angles = phase + 2 * np.pi * np.arange(points) / points
+    r = np.array([radii[i % len(radii)] for i in range(points)])
+    return np.stack([r * np.cos(angles), r * np.sin(angles)], axis=1)
+
+
+def _pacman(mouth_degrees: float = 80.0) -> np.ndarray:
+    """A disc with a wedge cut out, mouth pointing along +x: its orientation shows at a glance, so does a turn."""
+    half = np.deg2rad(mouth_degrees) / 2
+    arc = np.linspace(half, 2 * np.pi - half, 22)
+    return np.concatenate([np.stack([np.cos(arc), np.sin(arc)], axis=1), [[-0.15, 0.0]]])
+
+
+SILHOUETTES = {
+    "disc": _polygon(24),
+    "square": _polygon(4, np.pi / 4),
+    "triangle": _polygon(3, -np.pi / 2),
+    "cross": np.array([[1, 0.35], [0.35, 0.35], [0.35, 1], [-0.35, 1], [-0.35, 0.35], [-1, 0.35], [-1, -0.35],
+                       [-0.35, -0.35], [-0.35, -1], [0.35, -1], [0.35, -0.35], [1, -0.35]], np.float64),
+    "bar": np.array([[1, 0.32], [-1, 0.32], [-1, -0.32], [1, -0.32]], np.float64),
+    "pacman": _pacman(),
+    "star": _polygon(10, -np.pi / 2, radii=(1.0, 0.45)),
+}
+HUE_SPREAD = 10.0  # degrees either side of a kind's hue: the bands of the default kinds are 60 degrees apart
+KINDS = {name: Kind(*spec) for name, spec in {
+    "red discs": ("red", 0, "disc"), "blue stars": ("blue", 240, "star"), "green squares": ("green", 120, "square"),
+    "yellow triangles": ("yellow", 60, "triangle"), "magenta crosses": ("magenta", 300, "cross"),
+    "cyan bars": ("cyan", 180, "bar"), "orange pac-men": ("orange", 30, "pacman")}.items()}
+# Two kinds come in two classes each that only the motion tells apart (a translation direction); the other kinds are a
+# class each whatever they do. A model of single frames can therefore be right on 6 of 8 videos at best (the 4
+# single-kind classes and half of the paired ones), as on Kinetics most classes show in one frame. The turning
+# pac-men (a rotation sense) come only with --classes 9 or 10: in 8 base epochs of the demo recipe X3D-XS did not
+# learn their sense, with or without the eye marker.
+APPEARANCE_CLASSES = [
+    KindClass("red discs moving left", KINDS["red discs"], Motion(dx=-1.0)),
+    KindClass("red discs moving right", KINDS["red discs"], Motion(dx=1.0)),
+    KindClass("blue stars moving up", KINDS["blue stars"], Motion(dy=-1.0)),
+    KindClass("blue stars moving down", KINDS["blue stars"], Motion(dy=1.0)),
+    KindClass("green squares drifting", KINDS["green squares"], None),
+    KindClass("yellow triangles drifting", KINDS["yellow triangles"], None),
+    KindClass("magenta crosses drifting", KINDS["magenta crosses"], None),
+    KindClass("cyan bars drifting", KINDS["cyan bars"], None),
+    KindClass("orange pac-men turning clockwise", KINDS["orange pac-men"], Motion(spin=1)),
+    KindClass("orange pac-men turning counterclockwise", KINDS["orange pac-men"], Motion(spin=-1)),
+]
+
+
+def appearance_classes(n: int) -> list[KindClass]:
+    """The first n classes of the Kinetics-regime set (2..10)."""
+    if not 2 <= n <= len(APPEARANCE_CLASSES):
+        raise ValueError(f"the number of appearance classes must be in 2..{len(APPEARANCE_CLASSES)}, got {n}")
+    return APPEARANCE_CLASSES[:n]
+
+
 # ---- Rendering one video ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -147,6 +232,7 @@ class VideoJob:
     actors: tuple[Actor, ...]
     shake: int  # camera jitter in pixels, independent per frame
     jpeg: bool = False
+    scene: KindClass | None = None  # the Kinetics-regime set: actors of this class, placed by place_kind_sprites
 
 
 class Sprite:
@@ -202,6 +288,88 @@ class Sprite:
                                  fill=self.dot_colour)
 
 
+# The band limit of the Kinetics-regime set. Multigrid's coarsest demo clip takes 2 frames up to 32 frames apart
+# (rate 8 × T0/t = 4): between any two frames at most COARSE_GAP seconds apart no actor turns by half a turn or more,
+# moves by half the distance to another actor or more, leaves the frame, or wraps around it.
+COARSE_GAP = 33 / KINETICS_FPS
+TRANSLATION_SPEED = (0.09, 0.13)  # × short side per second: 13.7 px at most in COARSE_GAP on a 96-pixel frame
+TURN_SPEED = (130.0, 160.0)  # degrees per second: at most 176 degrees in COARSE_GAP; the pac-man's period is 360
+DRIFT_SPEED = (0.02, 0.08)  # × short side per second, each drifting actor in its own direction
+DRIFT_TURN = (20.0, 80.0)  # degrees per second, either sense
+KIND_RADIUS = (0.10, 0.14)  # × short side
+TURNING_RADIUS = (0.16, 0.21)  # × short side: turning actors are larger, so their rims move further per frame
+
+
+@dataclass
+class KindSprite:
+    """An actor of the Kinetics-regime set: a bold silhouette in its kind's hue band, moving along a straight line
+    and turning at a constant rate; it never leaves the frame, so it never wraps."""
+
+    outline: np.ndarray  # unit-size silhouette
+    colour: tuple[int, int, int]
+    radius: float
+    pos0: np.ndarray
+    velocity: np.ndarray  # pixels per second
+    angle0: float
+    omega: float  # radians per second, positive clockwise on screen
+    eye: np.ndarray | None = None  # a white dot at this unit-size offset: a second, high-contrast marker of the turn
+
+    def draw(self, draw: ImageDraw.ImageDraw, t: float, shift: np.ndarray, width: int, height: int) -> None:
+        """Draw at time t with the camera moved by shift."""
+        angle = self.angle0 + self.omega * t
+        rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+        centre = self.pos0 + self.velocity * t - shift
+        draw.polygon([tuple(p) for p in self.outline @ rot.T * self.radius + centre], fill=self.colour)
+        if self.eye is not None:
+            x, y, r = *(rot @ self.eye * self.radius + centre), 0.18 * self.radius
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=(255, 255, 255))
+
+
+def _kind_colour(kind: Kind, rng: np.random.Generator) -> tuple[int, int, int]:
+    """A saturated, bright colour in the kind's hue band."""
+    hue = (kind.hue + rng.uniform(-HUE_SPREAD, HUE_SPREAD)) % 360 / 360
+    return tuple(round(255 * v) for v in colorsys.hsv_to_rgb(hue, rng.uniform(0.75, 1.0), rng.uniform(0.8, 1.0)))
+
+
+def place_kind_sprites(scene: KindClass, rng: np.random.Generator, width: int, height: int,
+                       seconds: float) -> list[KindSprite]:
+    """3-5 actors of the scene's kind (2-3 larger ones when they turn) doing its motion, inside the frame for the
+    whole video and apart enough that the band limit holds (COARSE_GAP); an actor that finds no such place in 100
+    draws is left out."""
+    short, motion = min(width, height), scene.motion
+    speed = rng.uniform(*TRANSLATION_SPEED) * short  # a class's translation is one velocity for all its actors
+    times = np.linspace(0, seconds, 7)[:, None]
+    sprites: list[KindSprite] = []
+    turning = motion is not None and motion.spin != 0
+    for _ in range(int(rng.integers(2, 4) if turning else rng.integers(3, 6))):
+        radius = rng.uniform(*(TURNING_RADIUS if turning else KIND_RADIUS)) * short
+        if motion is None:
+            heading = rng.uniform(0, 2 * np.pi)
+            velocity = rng.uniform(*DRIFT_SPEED) * short * np.array([math.cos(heading), math.sin(heading)])
+            omega = np.deg2rad(rng.uniform(*DRIFT_TURN)) * rng.choice([-1, 1])
+        else:
+            velocity = speed * np.array([motion.dx, motion.dy])
+            omega = np.deg2rad(rng.uniform(*TURN_SPEED)) * motion.spin
+        # the whole path stays inside the frame
+        lo = radius + 1 - np.minimum(velocity, 0) * seconds
+        hi = np.array([width, height]) - radius - 1 - np.maximum(velocity, 0) * seconds
+        if np.any(hi <= lo):
+            continue
+        for _ in range(100):
+            pos = rng.uniform(lo, hi)
+            path = pos + times * velocity
+            # apart by both radii, and by twice the largest shift of either actor between two coarse frames
+            if all(np.linalg.norm(path - (s.pos0 + times * s.velocity), axis=1).min()
+                   >= max(radius + s.radius + 3,
+                          2 * COARSE_GAP * max(np.linalg.norm(velocity), np.linalg.norm(s.velocity)))
+                   for s in sprites):
+                sprites.append(KindSprite(SILHOUETTES[scene.kind.shape], _kind_colour(scene.kind, rng), radius,
+                                          pos, velocity, rng.uniform(0, 2 * np.pi), omega,
+                                          np.array([-0.1, 0.55]) if turning else None))
+                break
+    return sprites
+
+
 def make_background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     """Static texture (height, width, 3) uint8: a muted smooth colour field, muted blobs and a faint grating."""
     gh, gw = rng.integers(2, 7, 2)
@@ -230,6 +398,8 @@ def render_frames(job: VideoJob) -> Iterator[np.ndarray]:
     sigma = rng.uniform(2.0, 5.0)
     noise = np.round(rng.normal(0, sigma, (h + 2 * NOISE_PAD, w + 2 * NOISE_PAD, 3))).astype(np.int16)
     sprites = [Sprite(actor, rng, w, h) for actor in job.actors]
+    if job.scene is not None:
+        sprites += place_kind_sprites(job.scene, rng, w, h, job.num_frames / job.fps)
     for i in range(job.num_frames):
         shift = rng.integers(-m, m + 1, 2)  # (x, y)
         image = Image.fromarray(background[m + shift[1]:m + shift[1] + h, m + shift[0]:m + shift[0] + w])
@@ -292,24 +462,28 @@ def _youtube_id(rng: np.random.Generator, taken: set[str]) -> str:
 def plan_kinetics(args: argparse.Namespace, root: Path) -> tuple[list[str], dict[str, list[dict]], list[VideoJob]]:
     """Labels (alphabetical), CSV rows per split, and one job per video of the Kinetics-style set."""
     rng, taken = np.random.default_rng([args.seed, 0]), set()
-    (width, height), classes = frame_size(args.size), kinetics_classes(args.classes)
+    width, height = frame_size(args.size)
+    if args.regime == "motion":
+        classes = [(name, motion, None) for name, motion in kinetics_classes(args.classes)]
+    else:
+        classes = [(c.name, None, c) for c in appearance_classes(args.classes)]
     rows, jobs = {"train": [], "val": []}, []
     for split_code, (split, per_class) in enumerate([("train", args.train_per_class), ("val", args.val_per_class)]):
-        for label, motion in classes:
+        for label, motion, scene in classes:
             for _ in range(per_class):
                 yid, start = _youtube_id(rng, taken), int(rng.integers(0, 300))
                 end = start + args.seconds
                 path = root / split / label / f"{yid}_{start:06d}_{end:06d}.mp4"
-                # many objects, all doing the class's motion: the signal is everywhere in the frame, which took
-                # X3D-XS from chance to 39 % in 320 iterations where 3-6 larger objects gave 20 %
-                actors = (Actor(motion),) * int(rng.integers(8, 15))
+                # motion-only set: many objects, all doing the class's motion, so the signal is everywhere in the
+                # frame (X3D-XS went from chance to 39 % in 320 iterations where 3-6 larger objects gave 20 %)
+                actors = (Actor(motion),) * int(rng.integers(8, 15)) if scene is None else ()
                 jobs.append(VideoJob(str(path), (args.seed, 0, split_code, len(jobs)), args.seconds * KINETICS_FPS,
-                                     KINETICS_FPS, width, height, actors, args.shake))
+                                     KINETICS_FPS, width, height, actors, args.shake, scene=scene))
                 rows[split].append({"label": label, "youtube_id": yid, "time_start": start, "time_end": end,
                                     "split": split})
     for split_rows in rows.values():
         split_rows.sort(key=lambda r: (r["label"], r["youtube_id"]))  # the official files are sorted by label
-    return sorted(label for label, _ in classes), rows, jobs
+    return sorted(label for label, _, _ in classes), rows, jobs
 
 
 def _segments(rng: np.random.Generator, classes: list[int], length: float) -> list[tuple[int, float, float]]:
@@ -458,18 +632,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="Everything generated is a pure function of this seed.")
     p.add_argument("--datasets", nargs="+", default=["kinetics", "charades"], choices=["kinetics", "charades"],
                    help="Which data sets to generate (default: both).")
-    p.add_argument("--size", type=int, default=128,
-                   help="Short side of the 4:3 frames in pixels; 128 keeps decoding cheap on a laptop CPU.")
+    p.add_argument("--size", type=int, default=96,
+                   help="Short side of the 4:3 frames in pixels; 96 keeps decoding cheap on a laptop CPU.")
     p.add_argument("--shake", type=int, default=0,
                    help="Camera jitter in pixels, drawn independently per frame (default: none, a steady camera).")
     p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
                    help="Processes rendering videos in parallel (default: one per core, at most 8).")
     p.add_argument("--force", action="store_true", help="Remake the data even if --out already holds the same.")
     g = p.add_argument_group("Kinetics-style set")
+    g.add_argument("--regime", default="appearance", choices=["appearance", "motion"],
+                   help="appearance (default): the Kinetics regime, most classes show in a single frame (a kind "
+                        "of actor: hue and silhouette) and motion tells the rest apart; motion: only motion tells "
+                        "classes apart, no single frame does (two-frame multigrid clips cannot learn it).")
     g.add_argument("--classes", type=int, default=8,
-                   help="Motion classes: 8 basic motions, then diagonals and combinations, up to 80.")
-    g.add_argument("--train-per-class", type=int, default=40, help="Training videos per class.")
-    g.add_argument("--val-per-class", type=int, default=10, help="Validation videos per class.")
+                   help="Classes: appearance 2..10 (default 8: 4 kinds alone, 2 kinds in 2 directions each; 9 and "
+                        "10 add a rotation sense); motion "
+                        "1..80 (8 basic motions, then diagonals and combinations).")
+    g.add_argument("--train-per-class", type=int, default=200, help="Training videos per class.")
+    g.add_argument("--val-per-class", type=int, default=50, help="Validation videos per class.")
     g.add_argument("--seconds", type=int, default=3, help="Length of each video in whole seconds (at 30 fps).")
     g = p.add_argument_group("Charades-style set")
     g.add_argument("--charades-classes", type=int, default=10,
@@ -484,8 +664,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Reject values the generator cannot honour with a ValueError that names the flag."""
-    if not 1 <= args.classes <= 80:
-        raise ValueError(f"--classes must be in 1..80, got {args.classes}")
+    most = 80 if args.regime == "motion" else len(APPEARANCE_CLASSES)
+    if not (1 if args.regime == "motion" else 2) <= args.classes <= most:
+        raise ValueError(f"--classes must be in {1 if args.regime == 'motion' else 2}..{most} for --regime "
+                         f"{args.regime}, got {args.classes}")
     if not 4 <= args.charades_classes <= 96:
         raise ValueError(f"--charades-classes must be in 4..96 (videos hold 2 to 4 actions and a still object), "
                          f"got {args.charades_classes}")
