@@ -1,4 +1,4 @@
-"""X3D video networks (XS, S, M, L, XL) with sub-batch BatchNorm for multigrid training.
+"""X3D video networks (XS, S, M, L, XL) with sub-batch and synchronised BatchNorm for multigrid training.
 
 Feichtenhofer, "X3D: Expanding Architectures for Efficient Video Recognition", CVPR 2020, arXiv:2004.04730.
 The family expands one small ResNet-like base along width and depth; XS, S and M are the same network (same weights
@@ -24,6 +24,7 @@ original X3D-Multigrid repository's): XL is 32/72/136/280 wide and costs 48.4 GF
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,8 +32,11 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 INPUT_FIELDS = ("frames", "sampling_rate", "train_crop", "train_jitter", "test_crop")
 
@@ -84,7 +88,7 @@ def stage_plan(width_factor: float, depth_factor: float) -> tuple[int, list[tupl
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Blocks: Swish, sub-batch BN, SE, stem, bottleneck, head
+# Blocks: Swish, sub-batch and synchronised BN, SE, stem, bottleneck, head
 # ----------------------------------------------------------------------------------------------------------------------
 class _SwishFunction(torch.autograd.Function):
     """x * sigmoid(x) keeping only x for backward, where the sigmoid is recomputed (one activation less in memory)."""
@@ -167,6 +171,64 @@ class DepthwiseConv3d(nn.Conv3d):
         return super().forward(x)
 
 
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Training batch norm over the clips of every rank in `group`, from all-reduced per-channel sums.
+
+    Forward all-reduces each channel's sum, sum of squares and element count, normalises with the group's mean and
+    biased variance and updates the running statistics with the unbiased one, the same update on every rank. Every
+    rank's output depends on every rank's input through those statistics, so backward all-reduces the two sums the
+    input gradient needs (of the output gradient, and of it times the centred input). The weight and bias gradients
+    stay this rank's, like any parameter's: DDP averages them. Arithmetic in float32 (float64 for float64 inputs)
+    whatever the autocast dtype.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
+                running_var: torch.Tensor, momentum: float, eps: float, group: Any) -> torch.Tensor:
+        c, dims = x.shape[1], [0, *range(2, x.dim())]
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            xf = x.to(dtype)
+            var, mean = torch.var_mean(xf, dims, correction=0)
+            n = x.numel() // c
+            # Float64 sums: E[x²] − E[x]² over the group then loses nothing to cancellation.
+            mean64 = mean.double()
+            stats = torch.cat([mean64 * n, (var.double() + mean64.square()) * n, mean64.new_full((1,), n)])
+            dist.all_reduce(stats, group=group)
+            count = stats[-1:]
+            mean64 = stats[:c] / count
+            var64 = (stats[c:2 * c] / count - mean64.square()).clamp_min(0)
+            running_mean.lerp_(mean64.to(running_mean.dtype), momentum)
+            running_var.lerp_((var64 * count / (count - 1).clamp_min(1)).to(running_var.dtype), momentum)
+            mean, invstd = mean64.to(dtype), torch.rsqrt(var64 + eps).to(dtype)
+            scale = weight.to(dtype) * invstd
+            view = (1, c) + (1,) * (x.dim() - 2)  # per-channel values broadcast over (N, C, T, H, W)
+            # (x − mean)·scale + β as one multiply-add: x·scale + (β − mean·scale)
+            out = torch.addcmul((bias.to(dtype) - mean * scale).view(view), xf, scale.view(view))
+        ctx.save_for_backward(x, weight, mean, invstd, count)
+        ctx.group = group
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, mean, invstd, count = ctx.saved_tensors
+        c, dims = x.shape[1], [0, *range(2, x.dim())]
+        view = (1, c) + (1,) * (x.dim() - 2)
+        with torch.autocast(x.device.type, enabled=False):
+            g, xf = grad.to(mean.dtype), x.to(mean.dtype)
+            sums = torch.cat([g.sum(dims), (g * (xf - mean.view(view))).sum(dims)])  # Σ dy, Σ dy·(x − mean)
+            grad_weight = sums[c:] * invstd  # this rank's, before the all-reduce
+            grad_bias = sums[:c].clone()
+            dist.all_reduce(sums, group=ctx.group)
+            mean_dy, mean_dy_xmu = (sums / count.to(sums.dtype)).split(c)
+            # dx = scale · (dy − mean_dy − (x − mean) · invstd² · mean_dy_xmu), as a·dy + b·x + d per channel
+            a = weight.to(mean.dtype) * invstd
+            b = -a * invstd.square() * mean_dy_xmu
+            d = -a * mean_dy - b * mean
+            grad_input = torch.addcmul(d.view(view), xf, b.view(view)).addcmul_(g, a.view(view))
+        return grad_input.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), *(None,) * 5
+
+
 def _fold_before_save(module: SubBatchNorm3d, prefix: str, keep_vars: bool) -> None:
     module.aggregate_stats()
 
@@ -180,7 +242,8 @@ def _tile_after_load(module: SubBatchNorm3d, incompatible_keys: Any) -> None:
 
 
 class SubBatchNorm3d(nn.BatchNorm3d):
-    """BatchNorm3d that, in training, normalises k groups of the batch (sample i in group i mod k) separately.
+    """BatchNorm3d that, in training, normalises k groups of the batch (sample i in group i mod k) separately, or the
+    batches of several ranks together (synchronised BN).
 
     Parameters and state-dict keys are those of a plain BatchNorm3d, so saved weights never depend on k. The per-group
     running statistics live in non-persistent buffers of length k*C (group-major, as PySlowFast's split_bn) and are
@@ -188,11 +251,15 @@ class SubBatchNorm3d(nn.BatchNorm3d):
     evaluation never reads stale statistics. Folding restarts every group from the pooled statistics, which is also what
     loading does, so a model resumed from a checkpoint continues exactly like one that never stopped. With k = 1 the
     layer is exactly nn.BatchNorm3d.
+
+    With a process group (k = 1), training normalises over the union of the group's batches (see
+    _SyncBatchNormFunction); evaluation is unchanged, and the group is not part of the state.
     """
 
     def __init__(self, num_features: int, num_splits: int = 1, eps: float = 1e-5, momentum: float | None = 0.1):
         super().__init__(num_features, eps=eps, momentum=momentum)
         self.num_splits = 1
+        self.process_group = None  # training statistics over this group's ranks; None: this rank's batch only
         self.register_buffer("split_mean", None, persistent=False)
         self.register_buffer("split_var", None, persistent=False)
         self.split_stats_fresh = False  # the groups hold updates not yet folded into running_mean/var
@@ -202,14 +269,33 @@ class SubBatchNorm3d(nn.BatchNorm3d):
         self.set_splits(num_splits)
 
     @torch.no_grad()
-    def set_splits(self, k: int) -> None:
-        """Use k groups from now on; parameters stay the same objects and the statistics carry over (tiled)."""
+    def set_splits(self, k: int, group: Any = None) -> None:
+        """Use k groups, or with a process group (k = 1) the union of its ranks' batches, from now on.
+
+        Parameters stay the same objects and the statistics carry over (tiled). On joining a process group, which
+        every rank of it must do at the same point, its ranks' running statistics are pooled, so that from then on
+        they hold the same values.
+        """
         if k < 1:
             raise ValueError(f"sub-batch BatchNorm: the number of splits must be >= 1, got {k}")
+        if k > 1 and group is not None:
+            raise ValueError(f"BatchNorm: synchronised statistics need a single split per device, got {k} splits")
         self.aggregate_stats()
         self.num_splits = k
         self.split_mean = self.running_mean.repeat(k) if k > 1 else None
         self.split_var = self.running_var.repeat(k) if k > 1 else None
+        if group is not None and group is not self.process_group:
+            self._pool_running_stats(group)
+        self.process_group = group
+
+    @torch.no_grad()
+    def _pool_running_stats(self, group: Any) -> None:
+        """Replace every rank's running statistics by those of the group's union (law of total variance)."""
+        stats = torch.cat([self.running_mean, self.running_var + self.running_mean.square()])
+        dist.all_reduce(stats, group=group)
+        mean, second = (stats / dist.get_world_size(group)).chunk(2)
+        self.running_mean.copy_(mean)
+        self.running_var.copy_(second - mean.square())
 
     @torch.no_grad()
     def aggregate_stats(self) -> None:
@@ -248,6 +334,11 @@ class SubBatchNorm3d(nn.BatchNorm3d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.num_splits
+        if self.training and self.process_group is not None:
+            self.num_batches_tracked.add_(1)
+            momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            return _SyncBatchNormFunction.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                                momentum, self.eps, self.process_group)
         if not self.training or k == 1:
             self.aggregate_stats()  # no-op unless training updated the groups since the last fold
             return super().forward(x)
@@ -271,7 +362,8 @@ class SubBatchNorm3d(nn.BatchNorm3d):
         return out
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, num_splits={self.num_splits}"
+        sync = "" if self.process_group is None else f", sync_devices={dist.get_world_size(self.process_group)}"
+        return f"{super().extra_repr()}, num_splits={self.num_splits}{sync}"
 
 
 class SqueezeExcitation(nn.Module):
@@ -509,11 +601,36 @@ def default_input(name: str) -> dict:
     return {key: getattr(cfg, key) for key in INPUT_FIELDS}
 
 
-def set_bn_splits(model: nn.Module, k: int) -> None:
-    """Switch every sub-batch BN of `model` to k groups in place (same parameters, so an optimizer stays valid)."""
+def set_bn_splits(model: nn.Module, k: int, sync_devices: int = 1) -> None:
+    """Switch every sub-batch BN of `model` in place to k groups per device, or (k = 1, sync_devices > 1) to BN over
+    the batches of `sync_devices` consecutive ranks; same parameters, so an optimizer stays valid.
+
+    Every rank must make the same calls in the same order: a new device count creates its process groups (once) and
+    joining a group pools running statistics, both collective. Without torch.distributed it is plain BN, with a note.
+    """
+    group = _sync_group(sync_devices) if sync_devices > 1 else None
     for m in model.modules():
         if isinstance(m, SubBatchNorm3d):
-            m.set_splits(k)
+            m.set_splits(k, group)
+
+
+_SYNC_GROUPS: dict[int, tuple[Any, Any]] = {}  # devices -> (the default group they were made from, this rank's group)
+
+
+def _sync_group(devices: int) -> Any:
+    """This rank's group of `devices` consecutive ranks (0..g-1, g..2g-1, ...), made once per process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        logger.warning("synchronised BN over %d devices needs torch.distributed; using this process's batch alone",
+                       devices)
+        return None
+    world = dist.get_world_size()
+    if world % devices:
+        raise ValueError(f"synchronised BN over {devices} devices needs a world size divisible by it, got {world}")
+    made_from, group = _SYNC_GROUPS.get(devices, (None, None))
+    if made_from is not dist.group.WORLD:  # first use, or a new process group since
+        group = dist.new_subgroups(devices)[0]  # collective: every rank creates every subgroup, in the same order
+        _SYNC_GROUPS[devices] = (dist.group.WORLD, group)
+    return group
 
 
 def aggregate_sub_bn_stats(model: nn.Module) -> int:

@@ -11,6 +11,7 @@ from multigrid import (
     MultigridSchedule,
     ShortCycleBatchSampler,
     bn_splits_for,
+    bn_sync_for,
     count_batches,
     short_cycle_shapes,
 )
@@ -47,8 +48,8 @@ def test_pyslowfast_stepwise_reference():
     assert [st.batch_size for st in s.stages[:4]] == [64, 32, 16, 8]
     assert [st.bn_splits for st in s.stages[:4]] == [8, 4, 2, 1]
     assert [(st.rate_min, st.rate_max) for st in s.stages[:4]] == [(2, 8), (2, 4), (2, 4), (2, 2)]
-    # Short cycle: 112 and 158 before the long-cycle crop; at crop 158 the duplicate 158 is dropped.
-    assert s.stages[0].short_cycle == ((112, 128), (158, 64))
+    # Short cycle: 112 and 158 before the long-cycle crop; at crop 158 that makes two iterations at 158, as PySlowFast.
+    assert s.stages[0].short_cycle == ((112, 128), (158, 64), (158, 64))
     assert s.stages[3].short_cycle == ((112, 32), (158, 16), (224, 8))
     assert [st.fine_tune for st in s.stages].count(True) == 2
     # Warm-up is stretched with the schedule; afterwards LR = 0.1 × relative LR.
@@ -57,6 +58,51 @@ def test_pyslowfast_stepwise_reference():
     assert s.lr_at(350) == pytest.approx(1e-4)
     assert s.lr_at(0) == pytest.approx(0.08)  # 8 × warm-up start 0.01
     assert s.shape_at(72) == s.stages[0].shape and s.shape_at(73).frames == 16
+
+
+def pyslowfast_lr_and_shape(steps: list[int], lrs: list[float], shape_ends: list[int], max_epoch: int, epoch: float):
+    """PySlowFast's lookups: steps_with_relative_lrs' get_step_index and get_current_long_cycle_shape's first
+    schedule entry whose end lies after the epoch (its index into `shape_ends`)."""
+    index = next(i for i, step in enumerate([*steps, max_epoch]) if epoch < step) - 1
+    return lrs[index], next((i for i, end in enumerate(shape_ends) if epoch < end), len(shape_ends) - 1)
+
+
+def test_pyslowfast_ssv2_reference_skips_the_empty_stage():
+    # configs/SSv2/SLOWFAST_16x8_R50_multigrid.yaml: T 64, S 224, STEPS [0,14,18], MAX_EPOCH 22, 2 clips per GPU on 8
+    # GPUs, steps_with_relative_lrs. PySlowFast's schedule entries end at 11/16/21/24, 27/28/30/30 (the last shape of
+    # the second LR stage is empty) and 33 (fine-tune), giving STEPS [0,11,16,21,24,27,28,30,30,31] and MAX_EPOCH 33.
+    s = MultigridSchedule(epochs=22, base_batch=2, base_frames=64, base_crop=224, base_rate=2, lr=0.1,
+                          lr_policy="steps", steps=[0, 14, 18], world_size=8)
+    steps = [0, 11, 16, 21, 24, 27, 28, 30, 30, 31]
+    lrs = [8, 4, 2, 1, 0.8, 0.4, 0.2, 0.1, 0.1, 0.01]
+    shape_ends = [11, 16, 21, 24, 27, 28, 30, 30, 33]
+    shapes = [(16, 158), (32, 158), (32, 224), (64, 224)] * 2 + [(64, 224)]
+    assert s.num_epochs == 33 and s.added_epochs == 0
+    assert [st.start for st in s.stages] == [0, 11, 16, 21, 24, 27, 28, 30, 31]  # PySlowFast's steps, 30 once
+    assert [st.lr_factor for st in s.stages] == pytest.approx([8, 4, 2, 1, 0.8, 0.4, 0.2, 0.1, 0.01])
+    for epoch in range(s.num_epochs):
+        for e in (epoch, epoch + 0.5):  # every epoch trains at PySlowFast's LR and shape
+            lr, entry = pyslowfast_lr_and_shape(steps, lrs, shape_ends, 33, e)
+            assert s.lr_at(e) == pytest.approx(0.1 * lr), e
+            assert (s.stage_at(e).frames, s.stage_at(e).crop) == shapes[entry], e
+    # BN at per-device batches 16, 8, 4, 2: PySlowFast's SubBN k=2, BN, SyncBN over 2 and over 4 devices.
+    assert [st.bn_mode for st in s.stages[:4]] == ["2", "1", "sync×2", "sync×4"]
+    assert [st.shape.bn_sync for st in s.stages[:4]] == [1, 1, 2, 4]
+    rows = s.table(num_samples=1000).splitlines()
+    assert [row.split()[6] for row in rows[2:6]] == ["2", "1", "sync×2", "sync×4"]
+    assert "33 epochs (22 × 1.5)" in rows[0]
+    # One process cannot synchronise: plain BN on its own clips.
+    single = MultigridSchedule(epochs=22, base_batch=2, base_frames=64, base_crop=224, base_rate=2, lr=0.1,
+                               lr_policy="steps", steps=[0, 14, 18])
+    assert [st.bn_mode for st in single.stages[:4]] == ["2", "1", "1", "1"]
+
+
+def test_step_schedules_skip_empty_stages_and_keep_the_total():
+    for epochs in range(2, 40):
+        s = demo_schedule("both", "steps", epochs=epochs, steps=[0, epochs // 2], warmup_epochs=0)
+        assert s.num_epochs == round(epochs * 1.5) and s.added_epochs == 0, epochs
+        assert all(st.end > st.start for st in s.stages)
+        assert [st.start for st in s.stages[1:]] == [st.end for st in s.stages[:-1]]
 
 
 def test_long_cycle_only_by_hand():
@@ -102,15 +148,25 @@ def test_cosine_long_cycle_layout_gives_equal_iterations_per_shape():
         assert max(iters) - min(iters) < 1.0 / min(mean_batch)  # equal up to one epoch of rounding
 
 
-def test_short_training_gives_every_shape_an_epoch():
-    for epochs in range(1, 25):
+def test_cosine_takes_the_most_long_cycles_that_train_every_shape():
+    for epochs in range(1, 41):
         s = demo_schedule("both", epochs=epochs, warmup_epochs=0)
         assert all(st.end > st.start for st in s.stages), epochs
         assert [st.start for st in s.stages[1:]] == [st.end for st in s.stages[:-1]]
-        assert s.num_epochs >= round(epochs * 1.5)
-    demo = demo_schedule("both")  # 12 × 1.5 = 18 epochs: 3 long cycles of 4 shapes, then the fine-tune phase
-    assert demo.num_epochs == 18 and len(demo.stages) == 13
-    assert len(demo_schedule("both", epochs=4, warmup_epochs=0).stages) == 5  # one cycle fits 6 epochs
+        cycles = (len(s.stages) - 1) // 4
+        assert len(s.stages) == 4 * cycles + 1 and 1 <= cycles <= 3  # whole cycles of the 4 shapes, then fine-tune
+        assert s.num_epochs == round(epochs * 1.5) + s.added_epochs
+        assert s.added_epochs == 0 or (cycles == 1 and epochs < 8), epochs  # only to fit a single cycle
+        if cycles < 3:  # one more cycle would have left a stage empty
+            ends = s._round_layout(s._long_cycle_layout([epochs * j / (cycles + 2) for j in range(cycles + 2)]))
+            assert any(a == b for a, b in zip([0, *ends], ends)), epochs
+    # 12 × 1.5 = 18 epochs: three (and two) cycles would round the base shape of the first cycle to zero epochs.
+    demo = demo_schedule("both")
+    assert [(st.start, st.end) for st in demo.stages] == [(0, 6), (6, 9), (9, 12), (12, 13), (13, 18)]
+    assert len(demo_schedule("both", epochs=30).stages) == 13  # make demo's 30 epochs: three cycles
+    short = demo_schedule("both", epochs=2, warmup_epochs=0)  # 3 epochs cannot hold 5 stages: 2 are added, and said
+    assert short.num_epochs == 5 and short.added_epochs == 2
+    assert "5 epochs (2 × 1.5, +2 so that every shape trains at least one epoch)" in short.table()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -133,8 +189,9 @@ def test_cosine_lr_is_continuous_up_to_the_batch_factor():
 
 
 def test_warmup_crossing_a_shape_change_still_only_jumps_by_batch_factor():
-    s = demo_schedule("both", warmup_epochs=3)  # stretched warm-up 4.5 epochs spans shapes 0..2
-    for b in (2, 4):
+    s = demo_schedule("both", epochs=11, warmup_epochs=3)  # stretched warm-up 4.36 epochs spans shapes 0..2
+    assert [st.start for st in s.stages[1:3]] == [2, 3] and s.warmup_epochs > 3
+    for b in (2, 3):
         before, after = s.stage_at(b - 1), s.stage_at(b)
         ratio = s.lr_at(b) / s.lr_at(b - 1e-7)
         assert ratio == pytest.approx(after.batch_factor / before.batch_factor, rel=1e-5)
@@ -145,19 +202,46 @@ def test_warmup_crossing_a_shape_change_still_only_jumps_by_batch_factor():
 # ----------------------------------------------------------------------------------------------------------------------
 def test_short_cycle_shapes_and_degenerate_case():
     assert short_cycle_shapes(224, 224) == [(112, 4), (158, 2), (224, 1)]
-    assert short_cycle_shapes(158, 224) == [(112, 2), (158, 1)]
-    assert short_cycle_shapes(79, 112) == [(56, 2), (79, 1)]
+    # At the long-cycle crop S0/√2 the last two iterations share a shape and both run (PySlowFast): half the clips at
+    # S0/2, and the three-entry mean batch the long-cycle split assumes.
+    assert short_cycle_shapes(158, 224) == [(112, 2), (158, 1), (158, 1)]
+    assert short_cycle_shapes(79, 112) == [(56, 2), (79, 1), (79, 1)]
+    s = demo_schedule("both")
+    stage = s.stages[0]  # 2 × 56², batch 64
+    assert stage.short_cycle == ((56, 128), (79, 64), (79, 64))
+    assert s.iterations(0, 1000) == count_batches(1000, [128, 64, 64]) == 11  # 3 cycles, then 128 + 64
+    batch = sum(b for _, b in stage.short_cycle) / 3
+    assert batch / stage.batch_size == pytest.approx(s._mean_batch_factor(stage.frames, stage.crop) / 8)
 
 
 def test_bn_splits_divide_every_batch():
     assert [bn_splits_for(b) for b in (1, 7, 8, 16, 44, 64, 144)] == [1, 1, 1, 2, 4, 8, 18]
     for base_batch in range(1, 21):
         for frames, crop in ((4, 160), (13, 160), (16, 224), (8, 112)):
-            s = MultigridSchedule(epochs=30, base_batch=base_batch, base_frames=frames, base_crop=crop, base_rate=5,
-                                  lr=0.1)
-            for st in s.stages:
-                assert 1 <= st.bn_splits <= max(1, st.batch_size // 8)
-                assert all(size % st.bn_splits == 0 for _, size in st.short_cycle)
+            for mode in ("both", "long", "short"):
+                s = MultigridSchedule(epochs=30, base_batch=base_batch, base_frames=frames, base_crop=crop,
+                                      base_rate=5, lr=0.1, long_cycle=MODES[mode][0], short_cycle=MODES[mode][1])
+                for st in s.stages:
+                    assert 1 <= st.bn_splits <= max(1, st.batch_size // 8)
+                    assert all(size % st.bn_splits == 0 for _, size in st.short_cycle)
+                    assert st.batch_size % st.bn_splits == 0  # precise BN's plain batches
+
+
+def test_sync_bn_devices_hold_enough_clips():
+    # (per-device batch, world size) -> devices: ceil(8 / batch), rounded up to a divisor of the world size.
+    cases = {(16, 8): 1, (8, 8): 1, (4, 8): 2, (5, 8): 2, (3, 8): 4, (2, 8): 4, (1, 8): 8, (1, 16): 8, (2, 1): 1,
+             (2, 2): 2, (2, 6): 6, (3, 6): 3, (1, 4): 4, (2, 12): 4}
+    assert {case: bn_sync_for(*case) for case in cases} == cases
+    for batch in range(1, 9):
+        for world in range(1, 17):
+            g = bn_sync_for(batch, world)
+            assert world % g == 0 and (g * batch >= 8 or g == world)
+            assert all(world % h or h * batch < 8 for h in range(1, g))  # no smaller group would do
+    # X3D-L: 4 clips per GPU at the base shape on 8 GPUs; the coarse shapes hold 8 and more.
+    s = MultigridSchedule(epochs=256, base_batch=4, base_frames=16, base_crop=312, base_rate=5, lr=0.05,
+                          world_size=8)
+    assert [st.bn_mode for st in s.stages[:4]] == ["4", "2", "1", "sync×2"]
+    assert s.stages[-1].shape.bn_sync == 2 and s.stages[0].shape.bn_sync == 1
 
 
 def test_table_prints_every_stage():
@@ -166,7 +250,8 @@ def test_table_prints_every_stage():
     text = s.table(num_samples=240_000, world_size=8)
     lines = text.splitlines()
     assert len(lines) == 2 + len(s.stages) and "358 epochs" in lines[0]
-    assert "329-343" in text and "128@112 64@158" in lines[2] and lines[-1].split()[0] == "ft"
+    assert "329-343" in text and "128@112 64@158 64@158" in lines[2] and lines[-1].split()[0] == "ft"
+    assert [line.split()[6] for line in lines[2:6]] == ["8", "4", "2", "1"]  # BN splits per device
     assert lines[2].split()[8] == str(s.iterations(0, 240_000, 8))
     print(demo_schedule().table(num_samples=400))
 
@@ -227,16 +312,16 @@ def test_determinism_from_seed_and_epoch():
 @pytest.mark.parametrize("world", [1, 2])
 def test_start_iter_resume_equals_the_tail(world):
     s = demo_schedule()
-    full = batches(300, s, epoch=5, rank=world - 1, world_size=world, seed=2)
+    full = batches(300, s, epoch=12, rank=world - 1, world_size=world, seed=2)  # the base shape: 32, 16, 8 clips
     assert len(full) > 5
     for k in range(len(full) + 1):
-        sampler = ShortCycleBatchSampler(300, s, epoch=5, rank=world - 1, world_size=world, seed=2, start_iter=k)
+        sampler = ShortCycleBatchSampler(300, s, epoch=12, rank=world - 1, world_size=world, seed=2, start_iter=k)
         assert len(sampler) == len(full) - k and list(sampler) == full[k:]
 
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_one_stream_over_epochs_equals_the_epochs_one_after_another(world):
-    s = demo_schedule()
+    s = demo_schedule(epochs=11)  # three long cycles of short stages
     kw = dict(rank=world - 1, world_size=world, seed=2)
     per_epoch = [batches(300, s, epoch=e, **kw) for e in range(3, 9)]  # crosses long-cycle shape changes
     assert len({b[0].frames for epoch in per_epoch for b in epoch}) > 1
@@ -287,6 +372,8 @@ def test_clear_errors():
         demo_schedule("none", "steps", steps=[5, 3])
     with pytest.raises(ValueError, match="warmup_epochs"):
         demo_schedule(warmup_epochs=12)
+    with pytest.raises(ValueError, match="no whole epoch"):
+        demo_schedule("short", epochs=1, warmup_epochs=0, epoch_factor=0.5)
     with pytest.raises(ValueError, match="rank"):
         ShortCycleBatchSampler(10, demo_schedule(), rank=2, world_size=2)
     with pytest.raises(ValueError, match="start_iter"):

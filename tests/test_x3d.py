@@ -1,13 +1,20 @@
-"""X3D family: shapes, parameter counts and FLOPs per variant; sub-batch BN; Swish; init; channels_last; configs."""
+"""X3D family: shapes, parameter counts and FLOPs per variant; sub-batch and synchronised BN; Swish; init;
+channels_last; configs."""
 
 import copy
 import dataclasses
 import json
+import logging
+import os
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 
 from x3d import (
@@ -341,3 +348,174 @@ def test_channels_last_model_equals_contiguous():
     with torch.no_grad():
         torch.testing.assert_close(cl_model(clips.contiguous(memory_format=torch.channels_last_3d)), model(clips),
                                    rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Synchronised BatchNorm: gloo processes on parts of a batch == one process's plain BN on the whole batch
+# ----------------------------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_ranks(fn, world: int, *args) -> None:
+    mp.start_processes(fn, args=(world, _free_port(), *args), nprocs=world, start_method="fork", join=True)
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+
+
+def _sync_bn_steps(bn: nn.Module, inputs: list[torch.Tensor], weights: list[torch.Tensor]) -> list[dict]:
+    """Training steps of (out · w).sum(): outputs, input and parameter gradients and statistics after each step."""
+    results = []
+    for x, w in zip(inputs, weights):
+        x = x.clone().requires_grad_()
+        bn.zero_grad()
+        out = bn(x)
+        (out * w).sum().backward()
+        results.append({"out": out.detach(), "x_grad": x.grad, "weight_grad": bn.weight.grad.clone(),
+                        "bias_grad": bn.bias.grad.clone(), "running_mean": bn.running_mean.clone(),
+                        "running_var": bn.running_var.clone(), "channels_last": out.is_contiguous(
+                            memory_format=torch.channels_last_3d) and not out.is_contiguous()})
+    return results
+
+
+def _sync_bn_data(steps: int = 3, clips: int = 6, channels: int = 5):
+    """Float64 clips (the union batch) and loss weights of each step; the third step is channels_last."""
+    g = torch.Generator().manual_seed(11)
+    inputs = [torch.randn(clips, channels, 2, 3, 3, generator=g, dtype=torch.float64) * 3 + 1 for _ in range(steps)]
+    inputs[-1] = inputs[-1].contiguous(memory_format=torch.channels_last_3d)
+    return inputs, [torch.randn(clips, channels, 2, 3, 3, generator=g, dtype=torch.float64) for _ in range(steps)]
+
+
+def _sync_bn_module(momentum: float | None = 0.1) -> SubBatchNorm3d:
+    torch.manual_seed(0)
+    bn = SubBatchNorm3d(5, momentum=momentum)
+    _random_affine(bn)
+    return bn.double()
+
+
+def _sync_bn_worker(rank, world, port, devices, out_dir):
+    _init(rank, world, port)
+    inputs, weights = _sync_bn_data()
+    per_rank = inputs[0].shape[0] // devices  # consecutive ranks share a BN: rank r holds one part of its group's
+    part = slice((rank % devices) * per_rank, (rank % devices + 1) * per_rank)
+    model = nn.Sequential(_sync_bn_module())
+    bn = model[0]
+    with torch.no_grad():  # different statistics per rank, pooled when the group is joined
+        bn.running_mean.fill_(rank)
+        bn.running_var.fill_(1 + rank)
+    set_bn_splits(model, 1, sync_devices=devices)
+    pooled = (bn.running_mean.clone(), bn.running_var.clone())
+    set_bn_splits(model, 1, sync_devices=devices)  # the same group again: nothing pooled, nothing created
+    same_group = bn.process_group
+    set_bn_splits(model, 1, sync_devices=devices)
+    # Each group normalises its own union: the second group's clips are the first's scaled by 2.
+    scale = 1 + rank // devices
+    steps = _sync_bn_steps(bn, [x[part] * scale for x in inputs], [w[part] for w in weights])
+    bn.eval()
+    with torch.no_grad():
+        eval_out = bn(inputs[0][part])
+    torch.save({"pooled": pooled, "steps": steps, "eval_out": eval_out, "keys": list(model.state_dict()),
+                "same_group": bn.process_group is same_group, "repr": repr(bn)}, os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("world", "devices"), [(2, 2), (4, 2)])
+def test_sync_bn_equals_plain_bn_on_the_union_batch(tmp_path, world, devices):
+    _run_ranks(_sync_bn_worker, world, devices, str(tmp_path))
+    results = [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
+    inputs, weights = _sync_bn_data()
+    per_rank = inputs[0].shape[0] // devices
+    for first in range(0, world, devices):
+        scale = 1 + first // devices
+        group = results[first:first + devices]
+        ref = _sync_bn_module()
+        with torch.no_grad():  # from the statistics the group pooled on joining
+            ref.running_mean.copy_(group[0]["pooled"][0])
+            ref.running_var.copy_(group[0]["pooled"][1])
+        expected = _sync_bn_steps(ref, [x * scale for x in inputs], weights)
+        for step, want in enumerate(expected):
+            for i, got in enumerate(r["steps"][step] for r in group):
+                part = slice(i * per_rank, (i + 1) * per_rank)
+                torch.testing.assert_close(got["out"], want["out"][part], rtol=1e-10, atol=1e-10)
+                torch.testing.assert_close(got["x_grad"], want["x_grad"][part], rtol=1e-10, atol=1e-10)
+                # Running statistics: the same update on every rank, that of BN on the union batch.
+                torch.testing.assert_close(got["running_mean"], want["running_mean"], rtol=1e-10, atol=1e-12)
+                torch.testing.assert_close(got["running_var"], want["running_var"], rtol=1e-10, atol=1e-12)
+                assert got["channels_last"] == (step == len(expected) - 1)
+            # Parameter gradients stay per rank (DDP averages them): their sum is the union batch's.
+            for key in ("weight_grad", "bias_grad"):
+                torch.testing.assert_close(sum(r["steps"][step][key] for r in group), want[key], rtol=1e-10,
+                                           atol=1e-10)
+            assert not torch.allclose(group[0]["steps"][step]["weight_grad"], want["weight_grad"])
+    for rank, r in enumerate(results):
+        # Joining pooled the group's statistics: ranks 0, 1 held means 0, 1 and variances 1, 2 (ranks 2, 3: 2, 3).
+        first = rank - rank % devices
+        mean = first + 0.5
+        torch.testing.assert_close(r["pooled"][0], torch.full((5,), mean, dtype=torch.float64))
+        var = (1 + first + first**2 + 2 + first + (first + 1) ** 2) / 2 - mean**2
+        torch.testing.assert_close(r["pooled"][1], torch.full((5,), var, dtype=torch.float64))
+        assert r["same_group"] and f"sync_devices={devices}" in r["repr"]
+        assert r["keys"] == list(nn.Sequential(nn.BatchNorm3d(5)).state_dict())  # the group is no part of the state
+        # Evaluation is plain BN with the running statistics.
+        bn = results[rank]["steps"][-1]
+        x = inputs[0][(rank % devices) * per_rank:(rank % devices + 1) * per_rank]
+        ref = _sync_bn_module()
+        expected = F.batch_norm(x, bn["running_mean"], bn["running_var"], ref.weight, ref.bias, False, 0.0, ref.eps)
+        torch.testing.assert_close(r["eval_out"], expected.detach())
+
+
+def _sync_bn_ddp_worker(rank, world, port, clips, labels, out_dir):
+    _init(rank, world, port)
+    model = _ddp_model()
+    set_bn_splits(model, 1, sync_devices=world)
+    net = DistributedDataParallel(model, broadcast_buffers=False)
+    n = clips.shape[0] // world
+    F.cross_entropy(net(clips[rank * n:(rank + 1) * n]), labels[rank * n:(rank + 1) * n]).backward()
+    if rank == 0:
+        torch.save({name: p.grad for name, p in model.named_parameters()}, os.path.join(out_dir, "grads.pt"))
+        torch.save(model.state_dict(), os.path.join(out_dir, "state.pt"))
+    dist.destroy_process_group()
+
+
+def _ddp_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model("x3d_xs", num_classes=5, dropout=0.0)
+    for m in model.modules():  # non-zero final BN gammas so that every layer gets a gradient
+        if isinstance(m, nn.BatchNorm3d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+    return model.double()
+
+
+def test_sync_bn_ddp_training_step_equals_single_process_on_the_union(tmp_path):
+    # 2 clips per process, the case synchronised BN exists for: DDP gradients equal plain BN on all 4 clips.
+    torch.manual_seed(1)
+    clips, labels = torch.randn(4, 3, 4, 32, 32, dtype=torch.float64), torch.randint(0, 5, (4,))
+    _run_ranks(_sync_bn_ddp_worker, 2, clips, labels, str(tmp_path))
+    grads, state = torch.load(tmp_path / "grads.pt"), torch.load(tmp_path / "state.pt")
+    model = _ddp_model()
+    F.cross_entropy(model(clips), labels).backward()
+    assert state.keys() == model.state_dict().keys()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-7, atol=1e-10, msg=name)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(state[name], value, rtol=1e-7, atol=1e-10, msg=name)
+
+
+def test_sync_bn_without_process_group_is_plain_bn(caplog):
+    bn = _sync_bn_module()
+    ref = _sync_bn_module()
+    with caplog.at_level(logging.WARNING):
+        set_bn_splits(nn.Sequential(bn), 1, sync_devices=4)
+    assert "synchronised BN over 4 devices needs torch.distributed" in caplog.text and bn.process_group is None
+    inputs, weights = _sync_bn_data()
+    for got, want in zip(_sync_bn_steps(bn, inputs, weights), _sync_bn_steps(ref, inputs, weights)):
+        for key in ("out", "x_grad", "running_mean", "running_var"):
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="single split per device"):
+        bn.set_splits(2, group=object())
