@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from kinetics_multigrid import TARGET_FPS, AnnotationError, VideoClipDataset, drop_missing
+from kinetics_multigrid import TARGET_FPS, AnnotationError, MissingDataError, VideoClipDataset, drop_missing
 from video_io import VideoInfo
 
 NUM_CLASSES = 157
@@ -75,7 +75,7 @@ def _load_csv(path: Path, subset: str | None) -> list[CharadesVideo]:
         if subset is None:
             raise ValueError(f"{path}: cannot tell train from test by the file name; pass subset=")
     videos = []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # spreadsheet exports start with a byte-order mark
         reader = csv.DictReader(f)
         missing = {"id", "actions", "length"}.difference(reader.fieldnames or [])
         if missing:
@@ -117,7 +117,7 @@ def _default_annotations(root: Path, subset: str) -> Path:
     candidates = [root / f"Charades_v1_{subset}.csv", root / "charades.json", root / "data" / "charades.json"]
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
-        raise FileNotFoundError(f"{root}: no Charades annotations; looked for {', '.join(map(str, candidates))}")
+        raise MissingDataError(f"{root}: no Charades annotations; looked for {', '.join(map(str, candidates))}")
     return found
 
 
@@ -222,12 +222,19 @@ def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def average_precision(scores: np.ndarray, positives: np.ndarray) -> float:
-    """AP of one class: sum over score thresholds of (recall gain) × precision, tied scores forming one threshold."""
+    """AP of one class: sum over score thresholds of (recall gain) × precision, tied scores forming one threshold.
+
+    ±inf are ordinary scores (equal infinities tie: a frame without a prediction scores -inf); NaN is an error.
+    """
+    if np.isnan(scores).any():
+        raise ValueError(f"{int(np.isnan(scores).sum())} NaN scores: average precision is undefined (a diverged "
+                         "model or an empty view?)")
     order = np.argsort(-scores, kind="stable")
     scores, positives = scores[order], positives[order]
     tp = np.cumsum(positives)
     seen = np.arange(1, len(scores) + 1)
-    last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # last position of each run of equal scores
+    # Last position of each run of equal scores; comparing (not subtracting) keeps inf - inf = NaN out.
+    last = np.r_[np.flatnonzero(scores[1:] != scores[:-1]), len(scores) - 1]
     tp, seen = tp[last], seen[last]
     return float(np.sum(np.diff(tp, prepend=0) / tp[-1] * tp / seen))
 
@@ -240,6 +247,10 @@ def mean_average_precision(scores: torch.Tensor | np.ndarray, targets: torch.Ten
     scores, positives = _numpy(scores), _numpy(targets) >= 0.5
     if scores.ndim != 2 or scores.shape != positives.shape:
         raise ValueError(f"scores {scores.shape} and targets {positives.shape} must both be (N, K)")
+    if np.isnan(scores).any():
+        rows = np.flatnonzero(np.isnan(scores).any(1))
+        raise ValueError(f"scores of {len(rows)} of {len(scores)} rows contain NaN (e.g. row {rows[0]}): mAP is "
+                         "undefined (scikit-learn refuses them too)")
     classes = np.flatnonzero(positives.any(0))
     if len(classes) == 0:
         raise ValueError("no class has a positive target: mAP is undefined")

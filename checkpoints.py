@@ -18,7 +18,6 @@ A `module.` (DDP), `_orig_mod.` (torch.compile) or `model.` (PySlowFast's PyTorc
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import re
 from pathlib import Path
@@ -28,8 +27,6 @@ from torch import nn
 
 from utils import CheckpointError, load_checkpoint_file
 from x3d import MODELS, build_model_from_cfg, stage_plan
-
-logger = logging.getLogger(__name__)
 
 FORMAT_NAMES = {
     "project": "this project's checkpoint",
@@ -279,29 +276,57 @@ def resolve_variant(state: dict[str, torch.Tensor], requested: str | None = None
 # ----------------------------------------------------------------------------------------------------------------------
 # Loading into a model
 # ----------------------------------------------------------------------------------------------------------------------
-def load_finetune(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict:
+def load_finetune(model: nn.Module, state_dict: dict[str, torch.Tensor], path: os.PathLike | str = "") -> dict:
     """Load every tensor whose name and shape match `model` (e.g. all but a classifier of another size).
 
     Returns {"loaded", "missing", "unexpected", "mismatched"}: loaded keys; model keys absent from the checkpoint;
-    checkpoint keys the model lacks; and (key, checkpoint shape, model shape) for keys whose shapes differ. Everything
-    not loaded is also logged.
+    checkpoint keys the model lacks; and (key, checkpoint shape, model shape) for keys whose shapes differ
+    (`finetune_summary` prints it). Weights of another X3D variant (other widths or depths; a different classifier is
+    fine) are refused with a CheckpointError naming the variants they fit: loading whatever overlaps would train a
+    half-initialised network.
     """
     own = model.state_dict()
-    loaded = [k for k, v in state_dict.items() if k in own and own[k].shape == v.shape]
     mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state_dict.items()
                   if k in own and own[k].shape != v.shape]
+    try:
+        theirs = architecture(state_dict)
+    except CheckpointError:
+        theirs = None  # too incomplete to tell; shape mismatches below still count
+    ours = architecture(own)
+    backbone = [m for m in mismatched if not m[0].startswith("head.classifier.")]
+    if (theirs is not None and theirs != ours) or backbone:
+        fits = [name for name in MODELS if theirs is not None and _variant_architecture(name) == theirs]
+        described = (f"stem {theirs[0]}, stage widths {list(theirs[1])}, blocks {list(theirs[2])}" if theirs else
+                     f"{len(backbone)} tensors of other shapes, e.g. {backbone[0][0]} {list(backbone[0][1])}")
+        name = getattr(getattr(model, "cfg", None), "name", "the model")
+        raise CheckpointError(
+            f"{path or 'the --finetune weights'}: another X3D than {name} ({described}; {name} has stem {ours[0]}, "
+            f"stage widths {list(ours[1])}, blocks {list(ours[2])}). "
+            + (f"They fit {', '.join(fits)}: pass --model {fits[0]}." if fits else "No registered variant fits them."))
+    loaded = [k for k, v in state_dict.items() if k in own and own[k].shape == v.shape]
     unexpected = [k for k in state_dict if k not in own]
     missing = [k for k in own if k not in state_dict]
     model.load_state_dict({k: state_dict[k] for k in loaded}, strict=False)
-    logger.info("fine-tuning: loaded %d of the model's %d tensors", len(loaded), len(own))
-    for key, theirs, ours in mismatched:
-        logger.warning("fine-tuning: not loaded %s: shape %s in the checkpoint, %s in the model (kept its "
-                       "initialisation)", key, list(theirs), list(ours))
-    if missing:
-        logger.warning("fine-tuning: not loaded (missing from the checkpoint, kept the initialisation): %s", missing)
-    if unexpected:
-        logger.warning("fine-tuning: ignored (the model has no such tensor): %s", unexpected)
     return {"loaded": loaded, "missing": missing, "unexpected": unexpected, "mismatched": mismatched}
+
+
+def finetune_summary(report: dict, limit: int = 4) -> str:
+    """What fine-tuning loaded: the four counts, then the first `limit` names of each kind not loaded."""
+    lines = [f"fine-tuning: loaded {len(report['loaded'])} tensors, missing {len(report['missing'])} (kept their "
+             f"initialisation), unexpected {len(report['unexpected'])} (ignored), shape mismatch "
+             f"{len(report['mismatched'])} (kept their initialisation)"]
+
+    def names(items: list[str]) -> str:
+        more = f" and {len(items) - limit} more" if len(items) > limit else ""
+        return ", ".join(items[:limit]) + more
+
+    if report["mismatched"]:
+        lines.append("  shape mismatch: " + names([f"{k} {list(theirs)} in the checkpoint, {list(ours)} in the model"
+                                                   for k, theirs, ours in report["mismatched"]]))
+    for kind in ("missing", "unexpected"):
+        if report[kind]:
+            lines.append(f"  {kind}: {names(report[kind])}")
+    return "\n".join(lines)
 
 
 def convert_checkpoint(path: os.PathLike | str, model: str | None = None,
@@ -325,9 +350,8 @@ def convert_checkpoint(path: os.PathLike | str, model: str | None = None,
         except RuntimeError as e:
             raise CheckpointError(f"{path}: the weights do not fit {name}: {e}") from e
     else:
-        report = load_finetune(net, state)
-        notes.append(f"classifier re-initialised for {cfg['num_classes']} classes; not loaded: "
-                     f"{[k for k, _, _ in report['mismatched']] + report['missing']}")
+        report = load_finetune(net, state, path)
+        notes.append(f"classifier re-initialised for {cfg['num_classes']} classes; {finetune_summary(report)}")
     out = {"model": net.state_dict(), "model_cfg": dataclasses.asdict(net.cfg),
            "converted_from": {"file": Path(path).name, "format": fmt}}
     return out, notes

@@ -11,13 +11,22 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from utils import get_world_size, is_main_process
+from utils import Interrupted, get_world_size, is_main_process
 
 BN_STAT_SUFFIXES = ("running_mean", "running_var")
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised on every rank when any rank's loss is NaN or infinite."""
+
+
+class TrainingStopped(Interrupted):
+    """Raised on every rank when a stop was requested on any rank (Ctrl-C); `iteration` steps of `epoch` are done."""
+
+    def __init__(self, epoch: int, iteration: int, saved: bool) -> None:
+        super().__init__(f"Ctrl-C: stopped at epoch {epoch}, iteration {iteration}"
+                         + (" and saved a checkpoint there" if saved else ""))
+        self.epoch, self.iteration = epoch, iteration
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9) -> torch.optim.SGD:
@@ -68,15 +77,20 @@ def train_one_epoch(
     save_fn: Callable[[int], None] | None = None,
     save_every: int = 0,
     progress: bool = True,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict:
-    """One pass over `loader` (which already skips the first `start_iter` batches when resuming); returns averages."""
+    """One pass over `loader` (which already skips the first `start_iter` batches when resuming); returns averages,
+    and under "shapes" the seconds, iterations and data wait of each batch shape (`batch x frames x crop`), the
+    short cycle's included, so that the cost of an iteration can be compared across multigrid's shapes."""
     model.train()
     meters = {"loss": 0.0, "top1": 0.0, "clips": 0, "iters": 0, "wait": 0.0}
+    shapes: dict[str, dict[str, float]] = {}
     bar = tqdm(total=num_iters, initial=start_iter, disable=not (progress and is_main_process()),
                desc=f"epoch {epoch}", dynamic_ncols=True, leave=False)
     start = tick = time.perf_counter()
     for it, (clips, targets) in enumerate(loader, start=start_iter):
-        meters["wait"] += time.perf_counter() - tick  # time spent waiting for the data loader
+        wait = time.perf_counter() - tick  # time spent waiting for the data loader
+        meters["wait"] += wait
         lr = lr_at(epoch + it / num_iters)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -86,11 +100,21 @@ def train_one_epoch(
             logits = model(clips)
             loss = criterion(logits.float(), targets)
 
-        # Every rank must stop together, or the others hang in the next all-reduce. CPU-GPU sync point.
-        check = loss.detach().reshape(1).float()
+        # Every rank must stop together, or the others hang in the next all-reduce: the loss check and a stop
+        # request (Ctrl-C on any rank, `should_stop`) travel in one all-reduce, before the update. CPU-GPU sync point.
+        stop = float(should_stop is not None and should_stop())
+        check = torch.stack([loss.detach().float(), torch.tensor(stop, device=loss.device)])
         if get_world_size() > 1:
             dist.all_reduce(check)
-        if not math.isfinite(check.item()):
+        total_loss, stops = check.tolist()
+        if stops > 0:
+            bar.close()
+            if save_fn is not None:
+                save_fn(it)  # the weights after `it` steps: this step has not updated them
+            if get_world_size() > 1:
+                dist.barrier()  # the launcher ends every worker once one exits: let rank 0 finish writing first
+            raise TrainingStopped(epoch, it, saved=save_fn is not None)
+        if not math.isfinite(total_loss):
             raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at epoch {epoch}, iteration {it} "
                                      f"(lr {lr:.4g}); stopping. The last checkpoint written is kept.")
         optimizer.zero_grad(set_to_none=True)
@@ -109,6 +133,11 @@ def train_one_epoch(
 
         n = clips.shape[0]
         meters["loss"] += loss.item() * n
+        # on a GPU the step may still run here; its time then falls on the next iteration of the same shape mostly
+        shape = shapes.setdefault(f"{n}x{clips.shape[2]}x{clips.shape[3]}", {"seconds": 0.0, "iters": 0, "wait": 0.0})
+        shape["seconds"] += time.perf_counter() - tick
+        shape["iters"] += 1
+        shape["wait"] += wait
         meters["clips"] += n
         meters["iters"] += 1
         if targets.dtype == torch.long:  # single-label task: report batch top-1
@@ -132,6 +161,7 @@ def train_one_epoch(
         "data_wait": meters["wait"] / max(elapsed, 1e-9),
         "seconds": elapsed,
         "iters": meters["iters"],
+        "shapes": shapes,
     }
 
 

@@ -23,12 +23,17 @@ as their short side stays at least the drawn short side. Testing: item i is vide
 k = (i % (V·C)) // C starting at k·max(L − span, 0)/(V − 1) (the centre for V = 1), spatial crop i % C (left/centre/
 right; C = 1: centre). The V windows of a video are decoded in one pass and kept for its next views.
 
+Classes come from one place for both splits: `labels.txt` when there is one, else the training split's annotations
+(the official CSV's sorted labels, the JSON's labels, or 0..max label of a list file). A label outside them is an
+error naming the file and line, never a silently larger classifier.
+
 Failures. A missing, truncated or corrupt video (`video_io.VideoReadError`) is logged once and flagged in a
 shared-memory table, so `failure_count` (distinct failed videos) is the same in the main process and in every
-DataLoader worker of this process; ranks count separately. Training returns another video instead, chosen from the
+DataLoader worker of this process; each rank flags its own. Training returns another video instead, chosen from the
 sample's seed, so a resumed run sees the same replacement. Testing returns a zero clip with view_index -1, so the
 evaluator can drop it and count the video's missing views. Once more than `max_failure_fraction` of the videos have
-failed, the dataset raises a RuntimeError listing examples.
+failed, the dataset raises TooManyFailuresError listing examples; the recipes also combine the flags of all ranks
+(`FailureTracker.check`) after each epoch and evaluation, so the limit does not depend on the number of processes.
 """
 
 import csv
@@ -45,6 +50,7 @@ from torch.utils.data import Dataset
 
 from multigrid import ClipSpec
 from transforms import MEAN, STD, short_side_resize, test_clip, train_clip
+from utils import UserError
 from video_io import VideoInfo, VideoReadError, probe, read_frames
 
 log = logging.getLogger(__name__)
@@ -58,8 +64,16 @@ MAX_REPLACEMENTS = 100  # a sample gives up after this many failed replacement v
 _LIST_LINE = re.compile(r"^(.*\S)[\s,]+(\d+)\s*$")  # `path label` or `path,label`
 
 
-class AnnotationError(ValueError):
+class AnnotationError(UserError, ValueError):
     """A malformed annotation file; the message names the file and the line."""
+
+
+class MissingDataError(UserError, FileNotFoundError):
+    """A data root, annotation file or set of videos that is not there."""
+
+
+class TooManyFailuresError(UserError, RuntimeError):
+    """More videos failed to decode than --max-failure-fraction allows."""
 
 
 class Video(NamedTuple):
@@ -82,7 +96,7 @@ def _canonical_split(split: str) -> str:
 
 def read_official_csv(path: str | Path) -> list[tuple[str, str]]:
     """(label, clip name `<youtube_id>_<start:06d>_<end:06d>`) per row of an official Kinetics CSV."""
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # spreadsheet exports start with a byte-order mark
         reader = csv.reader(f)
         header = [c.strip() for c in next(reader, [])]
         missing = [c for c in ("label", "youtube_id", "time_start", "time_end") if c not in header]
@@ -104,10 +118,15 @@ def read_official_csv(path: str | Path) -> list[tuple[str, str]]:
     return rows
 
 
-def read_list_file(path: str | Path, root: str | Path) -> list[Video]:
-    """Entries of a `path label` list file (PySlowFast's format); relative paths are taken from `root`."""
+def read_list_file(path: str | Path, root: str | Path, num_classes: int | None = None,
+                   classes_from: str = "") -> list[Video]:
+    """Entries of a `path label` list file (PySlowFast's format); relative paths are taken from `root`.
+
+    With `num_classes`, a label outside 0..num_classes-1 is an error naming the line (`classes_from` says where the
+    class count came from).
+    """
     videos = []
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -115,7 +134,11 @@ def read_list_file(path: str | Path, root: str | Path) -> list[Video]:
             if match is None:
                 raise AnnotationError(f"{path}:{line_no}: expected `path label` (label a non-negative integer), "
                                       f"got {line.strip()!r}")
-            videos.append(Video(os.path.join(root, match.group(1)), int(match.group(2))))
+            label = int(match.group(2))
+            if num_classes is not None and label >= num_classes:
+                raise AnnotationError(f"{path}:{line_no}: label {label} is outside the {num_classes} classes "
+                                      f"0..{num_classes - 1} ({classes_from})")
+            videos.append(Video(os.path.join(root, match.group(1)), label))
     return videos
 
 
@@ -143,11 +166,11 @@ def read_activitynet_json(path: str | Path, split: str) -> list[tuple[str, str, 
 
 
 def _read_lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
 
 
 def _first_line(path: Path) -> str:
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:
         return next((line for line in f if line.strip()), "")
 
 
@@ -184,7 +207,7 @@ def drop_missing(videos: list, exists: Sequence[bool], source: str) -> list:
         log.warning("%s: %d of %d listed videos are missing on disk and left out (e.g. %s)",
                     source, len(missing), len(videos), examples)
     if not kept:
-        raise FileNotFoundError(f"{source}: none of the {len(videos)} listed videos was found on disk")
+        raise MissingDataError(f"{source}: none of the {len(videos)} listed videos was found on disk")
     return kept
 
 
@@ -213,28 +236,39 @@ def _official_videos(root: Path, csv_path: Path, split: str) -> tuple[list[Video
 
 
 def _list_videos(root: Path, list_path: Path, split: str) -> tuple[list[Video], list[str]]:
-    videos = read_list_file(list_path, root)
     if (root / "labels.txt").is_file():
-        classes = _read_lines(root / "labels.txt")
+        classes, source = _read_lines(root / "labels.txt"), f"from {root / 'labels.txt'}"
     else:
-        train_list = next((p for p in (root / "train.csv", root / "train.txt") if p.is_file()), list_path)
-        labels = [v.label for v in videos] + [v.label for v in read_list_file(train_list, root)]
+        # Without labels.txt the training split defines the classes, for both splits: a validation label beyond
+        # them would otherwise make a bigger classifier than the one trained.
+        train_list = next((p for p in (root / "train.csv", root / "train.txt") if p.is_file()), None)
+        if train_list is None:
+            raise MissingDataError(f"{list_path}: no labels.txt and no training list (train.csv / train.txt) in "
+                                   f"{root} to take the classes from")
+        labels = [v.label for v in read_list_file(train_list, root)]
+        if not labels:
+            raise AnnotationError(f"{train_list}: no entries")
         classes = [str(i) for i in range(max(labels) + 1)]
-    bad = next((v for v in videos if v.label >= len(classes)), None)
-    if bad is not None:
-        raise AnnotationError(f"{list_path}: label {bad.label} of {bad.path} is out of range for {len(classes)} "
-                              f"classes (labels.txt)")
+        source = f"0..max label of {train_list}; add labels.txt to name more"
+    videos = read_list_file(list_path, root, num_classes=len(classes), classes_from=source)
     return drop_missing(videos, [os.path.exists(v.path) for v in videos], str(list_path)), classes
 
 
 def _json_videos(root: Path, json_path: Path, split: str) -> tuple[list[Video], list[str]]:
     entries = read_activitynet_json(json_path, split)
     labels_txt = next((p for p in (json_path.parent / "labels.txt", root / "labels.txt") if p.is_file()), None)
-    classes = _read_lines(labels_txt) if labels_txt else sorted({label for label, _, _ in entries})
+    if labels_txt:
+        classes, source = _read_lines(labels_txt), str(labels_txt)
+    else:  # the training split's labels, whichever split this is
+        kind, train_json = find_annotations(root, "train") if split != "train" else ("json", json_path)
+        if kind != "json":
+            raise MissingDataError(f"{json_path}: no labels.txt and no training JSON to take the classes from")
+        classes = sorted({label for label, _, _ in read_activitynet_json(train_json, "train")})
+        source = f"the labels of {train_json}"
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted({label for label, _, _ in entries if label not in index})
     if unknown:
-        raise AnnotationError(f"{json_path}: labels not in {labels_txt}: {unknown[:5]}")
+        raise AnnotationError(f"{json_path}: labels not among the {len(classes)} classes of {source}: {unknown[:5]}")
     # Training clips are named with their segment, validation clips by the YouTube id alone.
     found = index_videos(root, split, {n for _, ytid, name in entries for n in (ytid, name)})
     paths = [found.get(name, found.get(ytid)) for _, ytid, name in entries]
@@ -245,6 +279,9 @@ def _json_videos(root: Path, json_path: Path, split: str) -> tuple[list[Video], 
 def find_annotations(root: str | Path, split: str) -> tuple[str, Path]:
     """(format, file) of the split's annotations under root: format is 'official', 'list' or 'json'."""
     root, split = Path(root), _canonical_split(split)
+    if not root.is_dir():
+        raise MissingDataError(f"{root}: the data root does not exist" if not root.exists() else
+                               f"{root}: the data root is not a folder")
     names = SPLIT_NAMES[split]
     path = _find(root, [""], [f"{n}{ext}" for n in names for ext in (".csv", ".txt")])
     if path is not None:
@@ -255,7 +292,7 @@ def find_annotations(root: str | Path, split: str) -> tuple[str, Path]:
     path = _find(root, ["", "annotations", "kinetics400"], [f"{n}.json" for n in names])
     if path is not None:
         return "json", path
-    raise FileNotFoundError(
+    raise MissingDataError(
         f"{root}: no annotations for split {split!r}: looked for {'/'.join(names)}.csv/.txt in the root (official "
         f"CSV or `path label` list), annotations/{names[-1]}.csv and {names[-1]}.json (+ labels.txt)")
 
@@ -319,11 +356,22 @@ class FailureTracker:
         if not self.failed[index]:
             self.failed[index] = True
             log.warning("skipping unreadable video: %s", error)
-        count = self.count
+        self.check()
+
+    def check(self, failed: torch.Tensor | None = None) -> int:
+        """Raise TooManyFailuresError past the allowed share; `failed`: flags combined over ranks (default: own).
+
+        Returns the number of failed videos. This process's own count never exceeds the combined one, so stopping on
+        it alone is never wrong, only possibly late: the recipes call this with all ranks' flags as well.
+        """
+        failed = self.failed if failed is None else failed
+        count = int(failed.sum())
         if count > self.max_fraction * len(self.paths):
-            examples = ", ".join(self.paths[i] for i in self.failed.nonzero().flatten()[:5].tolist())
-            raise RuntimeError(f"{count} of {len(self.paths)} videos failed to decode, more than the allowed "
-                               f"{self.max_fraction:.1%} (max_failure_fraction); e.g. {examples}")
+            examples = ", ".join(self.paths[i] for i in failed.nonzero().flatten()[:5].tolist())
+            raise TooManyFailuresError(
+                f"{count} of {len(self.paths)} videos failed to decode, more than the allowed {self.max_fraction:.1%} "
+                f"(--max-failure-fraction); e.g. {examples}")
+        return count
 
     @property
     def count(self) -> int:

@@ -205,8 +205,9 @@ class MultigridSchedule:
                  lr_policy: str = "cosine", warmup_epochs: float = 0.0, warmup_start_lr: float | None = None,
                  steps: Sequence[int] | None = None, gamma: float = 0.1, long_cycle: bool = True,
                  short_cycle: bool = True, epoch_factor: float = 1.5, bn_base_size: int = 8,
-                 cosine_cycles: int = 3, world_size: int = 1) -> None:
+                 cosine_cycles: int = 3, world_size: int = 1, min_frames: int = 1) -> None:
         self.epochs, self.lr, self.lr_policy, self.gamma = epochs, lr, lr_policy, gamma
+        self.min_frames = min(min_frames, base_frames)
         self.base_batch, self.base_frames = base_batch, base_frames
         self.base_crop, self.base_rate = base_crop, base_rate
         self.long_cycle, self.short_cycle, self.bn_base_size = long_cycle, short_cycle, bn_base_size
@@ -261,7 +262,8 @@ class MultigridSchedule:
                      fine_tune=fine_tune)
 
     def _long_cycle_shapes(self) -> list[tuple[int, int]]:
-        return [(max(1, round(self.base_frames * ft)), round(self.base_crop * fs)) for ft, fs in LONG_CYCLE_FACTORS]
+        return [(max(self.min_frames, round(self.base_frames * ft)), round(self.base_crop * fs))
+                for ft, fs in LONG_CYCLE_FACTORS]
 
     def _mean_batch_factor(self, frames: int, crop: int) -> float:
         """PySlowFast's mean batch factor of a long-cycle shape over its short cycle (unrounded short crops)."""

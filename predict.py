@@ -11,6 +11,7 @@ checkpoint, else they are printed as indices.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -19,8 +20,8 @@ from torch.utils.data import DataLoader
 import engine
 from checkpoints import convert_checkpoint
 from kinetics_multigrid import KineticsDataset, Video
-from utils import load_checkpoint_file
-from x3d import build_model_from_cfg
+from utils import UserError, load_checkpoint_file, run_cli
+from x3d import MODELS, build_model_from_cfg
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -29,7 +30,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("video", help="A video file (.mp4, .webm, .mkv, .avi) or a folder of JPEG frames.")
     p.add_argument("--checkpoint", required=True, help="Weights to use (any supported checkpoint format).")
     p.add_argument("--labels", default=None, help="Class names, one per line in class-index order.")
-    p.add_argument("--model", default=None,
+    p.add_argument("--model", default=None, choices=sorted(MODELS),
                    help="Variant for external weights that do not say (XS, S and M share weight shapes).")
     p.add_argument("--views", type=int, default=10, help="Temporal clips, uniformly spaced over the video.")
     p.add_argument("--crops", type=int, default=3, choices=[1, 3], help="Spatial crops per clip.")
@@ -43,7 +44,7 @@ def class_names(args: argparse.Namespace, num_classes: int) -> list[str]:
     if args.labels:
         names = [line.strip() for line in Path(args.labels).read_text().splitlines() if line.strip()]
         if len(names) != num_classes:
-            raise SystemExit(f"{args.labels}: {len(names)} class names, but the model has {num_classes} classes")
+            raise UserError(f"{args.labels}: {len(names)} class names, but the model has {num_classes} classes")
         return names
     stored = load_checkpoint_file(args.checkpoint).get("classes")
     if isinstance(stored, list) and len(stored) == num_classes:
@@ -69,7 +70,7 @@ def main(args: argparse.Namespace) -> list[tuple[str, float]]:
     model.to(device).to(memory_format=torch.channels_last_3d)
     scores, _, counts = engine.predict_videos(model, loader, 1, cfg.num_classes, device, progress=False)
     if counts[0] == 0:
-        raise SystemExit(f"{args.video}: could not be decoded")
+        raise UserError(f"{args.video}: could not be decoded")
     top = scores[0].topk(min(args.topk, cfg.num_classes))
     result = [(names[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist())]
     print(f"{args.video}  ({cfg.name}, {int(counts[0])} views; {notes[0]})")
@@ -79,4 +80,4 @@ def main(args: argparse.Namespace) -> list[tuple[str, float]]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    sys.exit(run_cli(main, get_args_parser().parse_args()))

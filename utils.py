@@ -6,13 +6,18 @@ Modules never read `args`; the recipes pass explicit values in.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
-import pickle
+import pickletools
 import random
+import shlex
 import shutil
+import signal
 import sys
-from collections.abc import Callable
+import threading
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,33 +26,129 @@ import torch.distributed as dist
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Errors the user can fix: reported as one `error: ...` line, without a traceback
+# ----------------------------------------------------------------------------------------------------------------------
+class UserError(Exception):
+    """A wrong flag, a missing file or bad data: the message says what is wrong and how to fix it."""
+
+
+class Interrupted(Exception):
+    """Training stopped on Ctrl-C after saving a checkpoint (see StopRequest); the message says where."""
+
+
+def run_cli(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
+    """Run a script's `main(args)`: 0 on success, 2 with `error: ...` for a UserError, 130 on Ctrl-C."""
+    try:
+        main(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        if is_main_process():
+            print(f"{e}. Resume with the same command:\n  {command_line()}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Checkpoint files
 # ----------------------------------------------------------------------------------------------------------------------
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file that cannot or must not be loaded; the message names the file and the reason."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A file whose unpickling would import and call code: refused, never loaded."""
+
+
+# What a weights-only checkpoint may name when unpickled: torch's tensor rebuilders and storages, OrderedDict (state
+# dicts) and the bytes decoder of protocol-2 pickles. Anything else is a call the file would make on load.
+_PLAIN_GLOBALS = {("collections", "OrderedDict"), ("_codecs", "encode"), ("builtins", "set"),
+                  ("builtins", "frozenset"), ("builtins", "bytearray"), ("builtins", "slice"), ("builtins", "complex")}
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+_KEEPS_PAIR = {"BINGET", "LONG_BINGET", "GET", "BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE", "FRAME"}
+
+
+def _pickle_globals(data: bytes) -> list[str]:
+    """`module.name` of every global the pickles in `data` would import, found by parsing only (nothing is run).
+
+    Reads consecutive pickles (the legacy torch format writes five, then raw storage bytes) until one fails to
+    parse. STACK_GLOBAL takes its module and name from the two strings before it, pushed directly or from the memo.
+    """
+    found, stream = [], io.BytesIO(data)
+    for _ in range(5):
+        memo, strings = {}, []
+        try:
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name in _STRING_OPS:
+                    strings.append(arg)
+                elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+                    strings.append(memo.get(arg))
+                elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                    memo[arg] = strings[-1] if strings else None
+                elif op.name == "MEMOIZE":
+                    memo[len(memo)] = strings[-1] if strings else None
+                elif op.name in ("GLOBAL", "INST"):
+                    found.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                if op.name not in _STRING_OPS and op.name not in _KEEPS_PAIR:
+                    strings.append(None)  # any other opcode breaks a module/name pair
+        except Exception:  # not (or no longer) a pickle: the storage bytes of a legacy file, or a damaged file
+            break
+        if stream.tell() >= len(data):
+            break
+    return found
+
+
+def code_in_checkpoint(path: str | os.PathLike) -> list[str]:
+    """Globals a checkpoint file would import and call on a full unpickle, other than torch's and plain containers."""
+    path = Path(path)
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                data = b"".join(archive.read(n) for n in archive.namelist() if n.endswith(".pkl"))
+        else:
+            data = path.read_bytes()
+    except (OSError, zipfile.BadZipFile):
+        return []
+    unsafe = []
+    for name in _pickle_globals(data):
+        module, _, attr = name.rpartition(".")
+        if not (module == "torch" or module.startswith("torch.") or (module, attr) in _PLAIN_GLOBALS):
+            unsafe.append(name)
+    return list(dict.fromkeys(unsafe))
+
+
+def _reason(error: Exception) -> str:
+    """The informative line of torch.load's (often long) error message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation",
+                                                             "Please file an issue"))]
+    return f"{type(error).__name__}: {(useful or lines or [''])[0][:200]}"
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> dict:
     """Load a checkpoint with `weights_only=True`: plain tensors and containers only, never arbitrary code."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{path}: no such checkpoint file (models/README.md says where to get the released "
+                              "weights and how to convert them)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        detail = str(e)
-        if "Unsupported global" in detail or "reduce" in detail.lower():
-            # weights_only refuses any pickle that would import and call something (a class, a function, a
-            # Namespace). Such a file could run code on load, so it is refused rather than loaded unsafely.
-            what = next((line.strip() for line in detail.splitlines() if "Unsupported global" in line), "")
-            raise CheckpointError(
-                f"{path}: refused: unpickling it would execute code or build objects other than tensors and plain "
-                f"containers, which is unsafe ({what or 'torch.load(weights_only=True) rejected it'}). "
-                "Re-save it from a trusted environment as a dict of tensors and plain data."
-            ) from e
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?)") from e
-    except Exception as e:  # truncated zip, garbage bytes, I/O errors: torch raises many types here
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {e}") from e
+    except Exception as e:  # truncated zip, garbage bytes, refused globals, I/O errors: torch raises many types here
+        # Which one it was is decided from the file itself, not from torch's message (whose wording changes): a
+        # pickle that names a function or class to call is one whose loading would run code.
+        calls = code_in_checkpoint(path)
+        if calls:
+            raise UnsafeCheckpointError(
+                f"{path}: refused: unpickling it would execute code (it imports and calls {', '.join(calls[:5])}), "
+                "so it was not loaded. If it comes from a trusted source, re-save it there as a dict of tensors and "
+                "plain data.") from e
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {_reason(e)}") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict at the top level, found {type(obj).__name__}")
     return obj
@@ -81,16 +182,21 @@ def launch(args: argparse.Namespace, main: Callable[[argparse.Namespace], object
     """Run `main(args)` here, or relaunch this script through torch's elastic launcher with one process per device.
 
     `-gpu 0,1,2,3` restricts CUDA to those devices and starts one DDP process each; `--nproc N` starts N CPU (gloo)
-    processes. Under torchrun (RANK set) or with a single device, `main` runs in this process.
+    processes. Under torchrun (RANK set) or with a single device, `main` runs in this process. Exits with 2 and an
+    `error: ...` line on a UserError (a wrong flag, a missing file), with 130 on Ctrl-C.
     """
-    if args.gpu is not None:
+    if args.gpu is not None and args.device != "cpu":
         # Must happen before CUDA is initialised anywhere in this process (and is inherited by the workers).
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
     nproc = len(args.gpu.split(",")) if args.gpu else args.nproc
     if nproc <= 1 or "RANK" in os.environ:
-        main(args)
-        return
+        sys.exit(run_cli(lambda a: (check_device(a.gpu, a.device), main(a)), args))
+    code = run_cli(lambda a: check_device(a.gpu, a.device), args)
+    if code:
+        sys.exit(code)
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     # Same script, same flags but --nproc (torchrun's parser would take it for its own --nproc-per-node); the workers
     # see RANK and therefore run main() directly.
@@ -98,21 +204,71 @@ def launch(args: argparse.Namespace, main: Callable[[argparse.Namespace], object
     if "--nproc" in argv:
         i = argv.index("--nproc")
         del argv[i:i + 2]
-    torchrun.main(["--standalone", f"--nproc-per-node={nproc}", sys.argv[0], *argv])
+    try:
+        torchrun.main(["--standalone", f"--nproc-per-node={nproc}", sys.argv[0], *argv])
+    except ChildFailedError as e:  # the workers have printed why; their exit code is the launcher's
+        sys.exit(e.get_first_failure()[1].exitcode or 1)
+    except SignalException as e:  # Ctrl-C: the launcher passed it on and the workers have saved and said so
+        sys.exit(128 + e.sigval)
 
 
-def init_distributed() -> torch.device:
-    """Join the process group when launched by torchrun (env://) and return this process's device."""
+def check_device(gpu: str | None, device: str) -> None:
+    """Refuse -gpu / --device cuda when CUDA is not usable, rather than training on the CPU without a word."""
+    wants_cuda = device == "cuda" or (device == "auto" and gpu is not None)
+    if wants_cuda and not torch.cuda.is_available():
+        asked = f"-gpu {gpu}" if gpu is not None else "--device cuda"
+        fix = ("check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES" if torch.version.cuda else
+               "install a CUDA build of torch")
+        raise UserError(f"{asked}: CUDA is not available ({cuda_report()}). To use a GPU, {fix}; to train on the "
+                        "CPU, pass --device cpu (and --nproc N for N processes).")
+    if gpu is not None and device != "cpu" and len(gpu.split(",")) > torch.cuda.device_count():
+        raise UserError(f"-gpu {gpu}: {len(gpu.split(','))} devices asked for, but only {torch.cuda.device_count()} "
+                        f"are usable ({cuda_report()})")
+
+
+def cuda_report() -> str:
+    """What torch says about CUDA: its build and the devices it sees."""
+    build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    return f"torch {torch.__version__}, {build}, {torch.cuda.device_count()} CUDA devices visible"
+
+
+def init_distributed(device: str = "auto") -> torch.device:
+    """Join the process group when launched by torchrun (env://) and return this process's device.
+
+    `device`: "cuda", "cpu", or "auto" (CUDA when available, else the CPU).
+    """
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError(f"--device cuda: CUDA is not available ({cuda_report()}); pass --device cpu to use the CPU")
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available():
+        if use_cuda:
             torch.cuda.set_device(local_rank)
             dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
         else:
             dist.init_process_group("gloo")
-    if torch.cuda.is_available():
+    if use_cuda:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def describe_device(device: torch.device) -> str:
+    """One line: the device this process trains on, how many processes, and why not CUDA when it is the CPU."""
+    world = get_world_size()
+    procs = f"{world} process{'es' if world > 1 else ''}" + (f" ({dist.get_backend()})" if world > 1 else "")
+    if device.type == "cuda":
+        return f"device: {device} ({torch.cuda.get_device_name(device)}), {procs}"
+    why = "chosen with --device cpu" if torch.cuda.is_available() else f"CUDA not available: {cuda_report()}"
+    return f"device: cpu ({why}), {procs}"
+
+
+def any_rank(flags: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Element-wise OR of a boolean tensor over all ranks (the tensor itself when not distributed)."""
+    if get_world_size() == 1:
+        return flags.clone()
+    combined = flags.to(device=device, dtype=torch.int32)
+    dist.all_reduce(combined, op=dist.ReduceOp.MAX)
+    return combined.cpu() > 0
 
 
 def get_rank() -> int:
@@ -147,8 +303,11 @@ class RunLogger:
         self.path = Path(run_dir) / "log.jsonl"
         self.writer = None
         if tensorboard and is_main_process():
-            from torch.utils.tensorboard import SummaryWriter  # optional dependency, imported only when asked for
-
+            try:  # optional dependency (requirements-dev.txt), imported only when asked for
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise UserError(f"--tensorboard needs the tensorboard package ({e}): pip install tensorboard, or "
+                                "leave out --tensorboard (log.jsonl has the same numbers)") from e
             self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
 
     def log(self, stats: dict, step: float) -> None:
@@ -181,18 +340,27 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("devices and run")
     g.add_argument("-gpu", "--gpu", default=None,
                    help="Comma-separated CUDA devices, e.g. 0,1,2,3: one DDP process per device (the original "
-                        "repository's interface). Default: all visible devices of a torchrun launch, else the CPU.")
+                        "repository's interface). Default: all visible devices of a torchrun launch, else the CPU. "
+                        "Stops with an error when CUDA is not usable, unless --device cpu is given.")
+    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                   help="Where to train: auto (CUDA when available, else the CPU), cuda (stop if CUDA is not usable) "
+                        "or cpu (even when a GPU is there; with -gpu, one CPU process per listed device).")
     g.add_argument("--nproc", type=int, default=1,
                    help="Number of CPU processes (gloo) when no GPU is used; >1 is for testing the distributed path.")
     g.add_argument("--output-dir", default=None,
                    help="Run folder for args.json, log.jsonl, checkpoints and plots. Default: logs/<model>_<dataset>. "
-                        "Re-running the same command resumes from the checkpoint found there.")
+                        "Re-running the same command resumes from the checkpoint found there; other settings are "
+                        "refused (see --restart).")
+    g.add_argument("--restart", action="store_true",
+                   help="Start the run folder over: its checkpoints and logs are moved to <run>/previous_<n>/ and "
+                        "training starts from scratch (needed to change the model, input, schedule or seed of a run).")
     g.add_argument("--resume", default=None, help="Checkpoint to resume from (weights, optimizer, epoch, iteration).")
     g.add_argument("--finetune", default=None,
                    help="Checkpoint to initialise the weights from (any supported format; a classifier of another "
                         "size is dropped). Optimizer and epoch start fresh.")
     g.add_argument("--save-every", type=int, default=500,
-                   help="Also write a checkpoint every N iterations, so a killed run loses at most N iterations.")
+                   help="Also write a checkpoint every N iterations, so a killed run loses at most N iterations "
+                        "(Ctrl-C saves one at once and prints the command that resumes).")
     g.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"],
                    help="Autocast precision on CUDA (bf16 needs no loss scaling). Ignored on the CPU, where measured "
                         "bf16 autocast was slower than fp32.")
@@ -232,7 +400,8 @@ def load_run_checkpoint(run_dir: str | os.PathLike,
 
     A damaged latest file is reported (path and reason) and the previous checkpoint is used instead. The main process
     moves the damaged file aside to `checkpoint_damaged.pt`, so that the next save does not keep it as
-    `checkpoint_prev.pt` in place of the good one.
+    `checkpoint_prev.pt` in place of the good one. A file whose loading would run code is not damage: it stops the
+    run with an UnsafeCheckpointError and stays where it is.
     """
     if explicit is not None:
         return load_checkpoint_file(explicit), Path(explicit)
@@ -240,6 +409,13 @@ def load_run_checkpoint(run_dir: str | os.PathLike,
     for i, path in enumerate(candidates):
         try:
             return load_checkpoint_file(path), path
+        except UnsafeCheckpointError as e:
+            # Not damage: this project never writes such a file, so someone or something replaced it. Stop rather
+            # than quietly resume from the previous checkpoint, and leave the file where it is for inspection.
+            raise UnsafeCheckpointError(
+                f"{e} This project never writes such a file into a run folder, so it was replaced by someone or "
+                f"something else: not resuming. Inspect it, then delete it to resume from "
+                f"{candidates[i + 1] if i + 1 < len(candidates) else 'scratch'}.") from e
         except CheckpointError as e:
             if i + 1 == len(candidates):
                 raise
@@ -250,3 +426,76 @@ def load_run_checkpoint(run_dir: str | os.PathLike,
             print(f"warning: {e}; resuming from the previous checkpoint {candidates[i + 1]} instead{note}",
                   file=sys.stderr)
     return None
+
+
+def start_over(run_dir: str | os.PathLike) -> Path | None:
+    """Move a run folder's checkpoints, logs and plots into `<run>/previous_<n>/` (--restart); None if it had none."""
+    run_dir = Path(run_dir)
+    names = ["checkpoint.pt", "checkpoint_prev.pt", "checkpoint_damaged.pt", "args.json", "schedule.json",
+             "log.jsonl", "tb", "curves.png", "schedule.png"]
+    present = [run_dir / n for n in names if (run_dir / n).exists()]
+    if not present:
+        return None
+    n = 1
+    while (run_dir / f"previous_{n}").exists():
+        n += 1
+    target = run_dir / f"previous_{n}"
+    target.mkdir()
+    for path in present:
+        os.replace(path, target / path.name)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Ctrl-C: finish the step in progress, save, and say how to resume
+# ----------------------------------------------------------------------------------------------------------------------
+class StopRequest:
+    """While active (a `with` block or `during`), Ctrl-C (SIGINT) sets `requested` instead of raising KeyboardInterrupt.
+
+    The training loop polls it between steps, so the model and optimizer are saved in a consistent state (a
+    KeyboardInterrupt inside optimizer.step() could leave half-updated weights). Every rank gets the signal from the
+    terminal, but not at the same step: the loop combines the flags across ranks before acting (`engine`). A second
+    Ctrl-C in a single process gives up waiting and raises KeyboardInterrupt; under torchrun the launcher forwards
+    its own SIGINT to the workers, so a repeat is expected there and ignored.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def during(self, items: Iterable[int]) -> Iterator[int]:
+        """Iterate over `items` with the handler installed; it is restored when the loop ends or is left."""
+        with self:
+            yield from items
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested and "RANK" not in os.environ:
+            raise KeyboardInterrupt
+        if not self.requested and is_main_process():
+            print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to quit at once)",
+                  file=sys.stderr, flush=True)
+        self.requested = True
+
+
+def ignore_sigint(worker_id: int) -> None:
+    """DataLoader worker_init_fn: Ctrl-C reaches the whole process group; only the main process acts on it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def command_line() -> str:
+    """The command that started this process, quoted for a shell, to print how to resume (without --restart, which
+    would start the run over)."""
+    return shlex.join(["python", *(a for a in sys.argv if a != "--restart")])

@@ -14,6 +14,7 @@ from sklearn.metrics import average_precision_score
 from charades import (
     CharadesDataset,
     CharadesVideo,
+    average_precision,
     clip_labels,
     frame_labels,
     load_charades_annotations,
@@ -196,6 +197,22 @@ def test_mean_average_precision_matches_sklearn():
         100 * (1 / 2 + 2 / 3) / 2)
     with pytest.raises(ValueError, match="no class has a positive"):
         mean_average_precision(np.ones((3, 2)), np.zeros((3, 2)))
+
+
+def test_map_refuses_nan_and_ties_infinite_scores():
+    targets = np.array([[1.0], [0.0], [1.0]])
+    with pytest.raises(ValueError, match="NaN"):
+        mean_average_precision(np.array([[0.9], [np.nan], [0.1]]), targets)
+    with pytest.raises(ValueError, match="NaN"):
+        average_precision(np.array([np.nan, 0.5, 0.1]), targets[:, 0] > 0)
+    # Equal infinities are one threshold, like any tie (a frame without a prediction scores -inf); scikit-learn does
+    # not take infinities, so it scores the same order with finite stand-ins.
+    for scores in ([np.inf, np.inf, 0.5], [0.9, -np.inf, -np.inf], [np.inf, np.inf, -np.inf]):
+        finite = np.nan_to_num(np.array(scores), posinf=1e9, neginf=-1e9)
+        expected = sklearn_map(finite[:, None], targets)
+        assert mean_average_precision(np.array(scores)[:, None], targets) == pytest.approx(expected, abs=1e-12)
+    assert mean_average_precision(np.array([[np.inf], [np.inf], [0.5]]), targets) == pytest.approx(
+        100 * (0.5 * 0.5 + 0.5 * 2 / 3))
 
 
 def test_localization_frame_indices():

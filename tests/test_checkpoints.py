@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from checkpoints import convert_checkpoint, load_finetune, load_weights, resolve_variant
+from checkpoints import convert_checkpoint, finetune_summary, load_finetune, load_weights, resolve_variant
 from utils import CheckpointError, load_checkpoint_file
 from x3d import build_model, build_model_from_cfg
 
@@ -236,14 +236,13 @@ def test_variant_inference_from_weights_and_names():
         resolve_variant(narrow)
 
 
-def test_load_finetune_reports_what_was_not_loaded(caplog):
+def test_load_finetune_reports_what_was_not_loaded():
     source = our_model("x3d_xs", num_classes=400).state_dict()
     source["head.extra.weight"] = torch.zeros(3)
     del source["stages.1.0.se.fc1.bias"]
     model = build_model("x3d_xs", num_classes=157)
     initial_classifier = model.head.classifier.weight.clone()
-    with caplog.at_level("WARNING", logger="checkpoints"):
-        report = load_finetune(model, source)
+    report = load_finetune(model, source)
     assert report["mismatched"] == [("head.classifier.weight", (400, 2048), (157, 2048)),
                                     ("head.classifier.bias", (400,), (157,))]
     assert report["missing"] == ["stages.1.0.se.fc1.bias"]
@@ -251,8 +250,28 @@ def test_load_finetune_reports_what_was_not_loaded(caplog):
     assert len(report["loaded"]) == len(model.state_dict()) - 3
     torch.testing.assert_close(model.state_dict()["stages.2.3.bn_b.running_var"], source["stages.2.3.bn_b.running_var"])
     torch.testing.assert_close(model.head.classifier.weight, initial_classifier)
-    assert "head.classifier.weight: shape [400, 2048] in the checkpoint, [157, 2048] in the model" in caplog.text
-    assert "stages.1.0.se.fc1.bias" in caplog.text and "head.extra.weight" in caplog.text
+    summary = finetune_summary(report).splitlines()
+    assert summary[0] == (f"fine-tuning: loaded {len(model.state_dict()) - 3} tensors, missing 1 (kept their "
+                          "initialisation), unexpected 1 (ignored), shape mismatch 2 (kept their initialisation)")
+    assert "head.classifier.weight [400, 2048] in the checkpoint, [157, 2048] in the model" in summary[1]
+    assert summary[2:] == ["  missing: stages.1.0.se.fc1.bias", "  unexpected: head.extra.weight"]
+    # Long lists are cut to the first few names, with the count of the rest.
+    many = {**report, "unexpected": [f"extra.{i}" for i in range(600)]}
+    assert finetune_summary(many).splitlines()[-1] == "  unexpected: extra.0, extra.1, extra.2, extra.3 and 596 more"
+
+
+def test_finetune_from_another_variant_is_refused():
+    model = build_model("x3d_xs", num_classes=157)
+    before = model.stages[0][0].conv_a.weight.clone()
+    deeper = build_model("x3d_l", num_classes=400).state_dict()  # the same widths, deeper
+    with pytest.raises(CheckpointError, match=r"x3d_l_kinetics\.pt: another X3D than x3d_xs \(stem 24, stage widths "
+                                              r"\[24, 48, 96, 192\], blocks \[5, 10, 25, 15\]; x3d_xs has .*blocks "
+                                              r"\[3, 5, 11, 7\]\)\. They fit x3d_l: pass --model x3d_l"):
+        load_finetune(model, deeper, "x3d_l_kinetics.pt")
+    torch.testing.assert_close(model.stages[0][0].conv_a.weight, before)  # nothing was loaded
+    wider = build_model("x3d_xl", num_classes=157).state_dict()
+    with pytest.raises(CheckpointError, match="another X3D than x3d_m.*They fit x3d_xl"):
+        load_finetune(build_model("x3d_m", num_classes=157), wider)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -309,5 +328,6 @@ def test_convert_tool_writes_a_loadable_checkpoint(tmp_path):
     unsafe = tmp_path / "unsafe.pt"
     torch.save({"model": {}, "args": argparse.Namespace(lr=0.1)}, unsafe)
     result = run_tool(str(unsafe), str(tmp_path / "never.pt"))
-    assert result.returncode == 1 and "refused" in result.stderr and "execute code" in result.stderr
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert "refused" in result.stderr and "execute code" in result.stderr
     assert not (tmp_path / "never.pt").exists()

@@ -18,6 +18,8 @@ from torch.utils.data import DataLoader
 from kinetics_multigrid import (
     AnnotationError,
     KineticsDataset,
+    MissingDataError,
+    TooManyFailuresError,
     Video,
     build_kinetics,
     find_annotations,
@@ -115,6 +117,15 @@ def test_official_csv_layout(official_root: Path, caplog):
     assert val.classes == train.classes and val.labels == [1] and len(val) == 2
 
 
+def test_official_csv_with_a_byte_order_mark(official_root: Path):
+    for name in ("train.csv", "validate.csv"):  # as a spreadsheet exports it
+        path = official_root / "annotations" / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    train = build_kinetics(official_root, "train", frames=4, sampling_rate=2, train_crop=32, train_jitter=(36, 44))
+    assert train.classes == ["air drumming", "zumba"] and train.num_videos == 3
+    assert build_kinetics(official_root, "val", mode="test").labels == [1]
+
+
 def test_official_csv_malformed_line_names_file_and_line(official_root: Path):
     path = official_root / "annotations" / "train.csv"
     path.write_text(path.read_text() + "zumba,eeeeeeeeeee,4\n")
@@ -167,12 +178,44 @@ def test_original_repo_json_layout(tmp_path: Path):
         build_kinetics(tmp_path, "train")
 
 
+def test_list_file_classes_come_from_the_training_split(tmp_path: Path):
+    write_mp4(tmp_path / "v.mp4", 20)
+    (tmp_path / "train.txt").write_text("".join(f"v.mp4 {label}\n" for label in (0, 1, 2, 3)))
+    (tmp_path / "val.txt").write_text("v.mp4 1\n")
+    val = build_kinetics(tmp_path, "val", mode="test")
+    assert val.num_classes == 4 and val.labels == [1]  # the training split's classes, whatever val holds
+    (tmp_path / "val.txt").write_text("v.mp4 1\nv.mp4 7\n")  # a label no training video has
+    with pytest.raises(AnnotationError, match=r"val\.txt:2: label 7 is outside the 4 classes 0\.\.3 \(0\.\.max "
+                                              r"label of .*train\.txt; add labels\.txt to name more\)"):
+        build_kinetics(tmp_path, "val", mode="test")
+    (tmp_path / "labels.txt").write_text("".join(f"class {i}\n" for i in range(8)))
+    assert build_kinetics(tmp_path, "val", mode="test").num_classes == 8
+    assert build_kinetics(tmp_path, "train").num_classes == 8  # both splits from the one source
+
+
+def test_json_validation_classes_come_from_the_training_json(tmp_path: Path):
+    def entry(subset, label):
+        return {"subset": subset, "annotations": {"label": label, "segment": [0, 10]}}
+
+    (tmp_path / "train.json").write_text(json.dumps({"aaaaaaaaaaa": entry("train", "zumba"),
+                                                     "bbbbbbbbbbb": entry("train", "air drumming")}))
+    (tmp_path / "val.json").write_text(json.dumps({"ccccccccccc": entry("validate", "zumba")}))
+    write_frames(tmp_path / "val" / "zumba" / "ccccccccccc", 12)
+    val = build_kinetics(tmp_path, "val", mode="test")
+    assert val.classes == ["air drumming", "zumba"] and val.labels == [1]
+    (tmp_path / "val.json").write_text(json.dumps({"ccccccccccc": entry("validate", "yodelling")}))
+    with pytest.raises(AnnotationError, match=r"val\.json: labels not among the 2 classes of the labels of .*train"):
+        build_kinetics(tmp_path, "val", mode="test")
+
+
 def test_no_usable_video_is_a_clear_error(tmp_path: Path):
     write_csv(tmp_path / "annotations" / "train.csv", [["zumba", "aaaaaaaaaaa", 0, 10, "train"]])
-    with pytest.raises(FileNotFoundError, match="none of the 1 listed videos"):
+    with pytest.raises(MissingDataError, match="none of the 1 listed videos"):
         build_kinetics(tmp_path, "train")
-    with pytest.raises(FileNotFoundError, match="no annotations for split 'val'"):
+    with pytest.raises(MissingDataError, match="no annotations for split 'val'"):
         build_kinetics(tmp_path, "val")
+    with pytest.raises(MissingDataError, match="kinetics400: the data root does not exist"):
+        build_kinetics(tmp_path / "kinetics400", "train")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -261,6 +304,16 @@ def test_too_many_failures_stop_with_examples(tmp_path: Path):
     with pytest.raises(RuntimeError, match=r"2 of 9 videos failed.*(corrupt|truncated|deleted)\.mp4"):
         for i in range(9):
             ds[i]
+
+
+def test_failure_limit_counts_the_flags_of_all_ranks(tmp_path: Path):
+    ds = dataset(broken_videos(tmp_path), max_failure_fraction=0.15)  # 9 videos: at most one may fail
+    ds[6]  # this process's only failure
+    assert ds.failures.check() == 1
+    others = torch.zeros(9, dtype=torch.bool)
+    others[[6, 7]] = True  # what the other ranks flagged, combined with ours
+    with pytest.raises(TooManyFailuresError, match=r"2 of 9 videos failed.*--max-failure-fraction"):
+        ds.failures.check(others)
 
 
 def test_failed_test_video_gives_flagged_zero_views(tmp_path: Path):

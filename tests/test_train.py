@@ -1,8 +1,10 @@
-"""The Kinetics recipe end to end on generated videos: train, resume after SIGKILL, damaged checkpoints, evaluation
-with 1 and 2 processes, plots, predict.py."""
+"""The Kinetics recipe end to end on generated videos: train, resume after SIGKILL and Ctrl-C, damaged checkpoints,
+evaluation with 1 and 2 processes, refused settings and their messages, plots, predict.py."""
 
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,8 +16,10 @@ import torch
 
 import predict
 import train_x3d_kinetics_multigrid as recipe
+import utils
+from kinetics_multigrid import build_kinetics
 from tools import make_demo_data, plot_run
-from utils import CheckpointError, load_checkpoint_file
+from utils import CheckpointError, UserError, load_checkpoint_file
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny X3D-XS input so that a whole multigrid schedule runs in seconds on a CPU.
@@ -35,6 +39,10 @@ def data(tmp_path_factory) -> Path:
 
 def flags(data: Path, run: Path, *extra: str) -> list[str]:
     return ["--data-root", str(data), "--output-dir", str(run), *TINY, *extra]
+
+
+def parse(*argv: str):
+    return recipe.get_args_parser().parse_args(list(argv))
 
 
 def run_script(args: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -71,11 +79,81 @@ def test_training_writes_run_folder(trained, data):
     assert [p.name for p in written] == ["curves.png", "schedule.png"] and all(p.stat().st_size > 1000 for p in written)
 
 
-def test_rerunning_a_finished_run_resumes_instead_of_retraining(trained, data, capsys):
+def test_rerunning_a_finished_run_says_so_and_keeps_its_log(trained, data, capsys):
     before = (trained / "log.jsonl").read_text()
-    stats = recipe.main(recipe.get_args_parser().parse_args(flags(data, trained, "--test-views", "0")))
-    assert "Resumed from" in capsys.readouterr().out and stats == {}
-    assert (trained / "log.jsonl").read_text() == before
+    stats = recipe.main(parse(*flags(data, trained)))
+    out = capsys.readouterr().out
+    stored = json.loads(before.splitlines()[-1])
+    assert f"{trained}: this run is finished (5 epochs); its test: video top-1 {stored['test_top1']:.2f}" in out
+    assert "--eval" in out and stats == stored
+    assert (trained / "log.jsonl").read_text() == before  # no second test line
+
+
+def test_rerunning_with_other_flags_is_refused(trained, data):
+    before = (trained / "args.json").read_text()
+    with pytest.raises(UserError, match=r"checkpoint\.pt was trained with other settings: --model x3d_s \(the run has "
+                                        r"x3d_xs\); --epochs 3 \(the run has 2\); --warmup-epochs 1\.0 \(the run has "
+                                        r"0\.5\)\..*--restart.*--output-dir"):
+        recipe.main(parse(*flags(data, trained, "--model", "x3d_s", "--epochs", "3", "--warmup-epochs", "1")))
+    recipe.check_same_run(parse(*flags(data, trained, "--workers", "3", "--eval-every", "7")),
+                          load_checkpoint_file(trained / "checkpoint.pt")["args"], trained)  # not run-shaping
+    assert (trained / "args.json").read_text() == before
+
+
+def test_a_batch_larger_than_the_data_is_refused_at_start(data, tmp_path):
+    # 16 training videos: multigrid's first batch at --batch-size 8 is 8 × 8 × 2 clips, and would never be complete.
+    with pytest.raises(UserError, match=r"16 training videos are 16 per process \(1 process\), fewer than the largest "
+                                        r"batch of the schedule, 128 clips.*use --batch-size 1 or less"):
+        recipe.main(parse(*flags(data, tmp_path / "run", "--batch-size", "8")))
+    assert not (tmp_path / "run" / "args.json").exists()
+    args = parse(*flags(data, tmp_path / "run"))
+    schedule = recipe.build_schedule(args, recipe.resolve_input(args), 1)
+    assert recipe.check_iterations(schedule, 16, 1, 1)[0].startswith(
+        "warning: only 1 training step per epoch at shape 1x23 (fewer than 10)")
+    assert recipe.check_iterations(schedule, 200, 1, 1) == []
+    with pytest.raises(UserError, match=r"16 training videos are 8 per process \(2 processes\).*To fix it, use "
+                                        r"--multigrid none, more training videos or fewer processes"):
+        recipe.check_iterations(schedule, 16, 2, 1)
+
+
+def test_flag_combinations_are_checked_before_any_data(tmp_path):
+    empty = tmp_path / "empty"  # exists but holds no annotations: the flags must be the first thing reported
+    empty.mkdir()
+    for extra, message in [
+        (["--epochs", "30"], r"--warmup-epochs 35 must be in \[0, --epochs 30\)"),
+        (["--lr-policy", "steps", "--warmup-epochs", "0"], "--lr-policy steps needs --steps"),
+        (["--lr-policy", "steps", "--steps", "0", "--warmup-epochs", "0"], "needs a --steps epoch after 0"),
+        (["--steps", "100", "50"], r"--steps \[100, 50\] must increase"),
+        (["--crop", "200"], r"--jitter \[182, 228\] must be MIN <= MAX with MIN at least --crop 200"),
+        (["--max-failure-fraction", "2"], "--max-failure-fraction must be in"),
+        (["--restart", "--eval"], "--restart starts the run folder over"),
+        (["-gpu", "a,b"], "-gpu takes comma-separated device numbers"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            recipe.main(parse("--data-root", str(empty), "--model", "x3d_xs", "--output-dir", str(tmp_path / "r"),
+                              "--epochs", "300", *extra))
+    with pytest.raises(UserError, match="--data-root .*missing does not exist"):
+        recipe.check_args(parse("--data-root", str(tmp_path / "missing")))
+
+
+def test_user_errors_exit_2_with_a_message_not_a_traceback(tmp_path):
+    result = run_script(["--data-root", str(tmp_path / "kinetics400"), "--model", "x3d_xs"])
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"error: --data-root {tmp_path / 'kinetics400'} does not exist or is not a folder\n"
+    result = run_script(["--data-root", str(tmp_path), "--model", "x3d-xs"])  # a typo: argparse names the choices
+    assert result.returncode == 2 and "invalid choice: 'x3d-xs'" in result.stderr and "x3d_xs" in result.stderr
+
+
+def test_finetune_prints_counts_and_refuses_another_variant(trained, data, tmp_path, capsys):
+    weights = str(trained / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"another X3D than x3d_l.*They fit x3d_xs, x3d_s, x3d_m"):
+        recipe.main(parse(*flags(data, tmp_path / "l", "--model", "x3d_l", "--finetune", weights)))
+    stats = recipe.main(parse(*flags(data, tmp_path / "xs", "--finetune", weights, "--multigrid", "none", "--epochs",
+                                     "1", "--test-views", "0", "--precise-bn-batches", "0")))
+    out = capsys.readouterr().out
+    tensors = len(load_checkpoint_file(trained / "checkpoint.pt")["model"])
+    assert (f"fine-tuning: loaded {tensors} tensors, missing 0 (kept their initialisation), unexpected 0 (ignored), "
+            "shape mismatch 0" in out) and stats["train_iters"] == 16
 
 
 def test_sigkill_mid_epoch_then_rerun_ends_with_identical_weights(trained, data, tmp_path):
@@ -118,12 +196,63 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(trained, data,
     result = run_script(flags(data, run, "--test-views", "0"))
     assert result.returncode == 0, result.stderr
     assert f"{run / 'checkpoint.pt'}: not a readable checkpoint" in result.stderr
-    assert "resuming from the previous checkpoint" in result.stderr and "Resumed from" in result.stdout
+    assert "resuming from the previous checkpoint" in result.stderr and "this run is finished" in result.stdout
     assert (run / "checkpoint_damaged.pt").read_bytes() == b"\x00" * 100
 
     (run / "checkpoint_prev.pt").write_bytes(b"garbage")
     result = run_script(flags(data, run))
     assert result.returncode != 0 and f"{run / 'checkpoint_prev.pt'}: not a readable checkpoint" in result.stderr
+
+
+def test_ctrl_c_saves_at_once_and_the_printed_command_resumes(trained, data, tmp_path):
+    run = tmp_path / "d"
+    shutil.copytree(trained, run)  # --restart moves the finished run aside and trains it again from scratch
+    args = flags(data, run, "--save-every", "2", "--restart")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_x3d_kinetics_multigrid.py"), *args], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # into the 6-step epochs, so Ctrl-C lands mid-epoch
+        try:
+            ckpt = load_checkpoint_file(run / "checkpoint.pt")
+            if ckpt["epoch"] >= 3 and ckpt["iteration"] == 2:
+                break
+        except CheckpointError:
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert out.startswith("device: cpu") and "--restart: the previous run's files are moved to" in out
+    header = next(line.split() for line in out.splitlines() if line.lstrip().startswith("stage"))
+    assert header[8] == "iters"  # the printed schedule shows the iterations per epoch of every stage
+    saved = load_checkpoint_file(run / "checkpoint.pt")
+    assert f"Ctrl-C: stopped at epoch {saved['epoch']}, iteration {saved['iteration']} and saved a checkpoint" in err
+    assert "Traceback" not in err and (run / "previous_1" / "checkpoint.pt").exists()
+    command = shlex.split(err.split("Resume with the same command:\n")[1].splitlines()[0])
+    assert command[0] == "python" and Path(command[1]) == ROOT / "train_x3d_kinetics_multigrid.py"
+    assert command[2:] == [a for a in args if a != "--restart"]
+
+    result = run_script(command[2:])
+    assert result.returncode == 0, result.stderr
+    assert f"epoch {saved['epoch']}, iteration {saved['iteration']}" in result.stdout
+    resumed, uninterrupted = (load_checkpoint_file(p / "checkpoint.pt")["model"] for p in (run, trained))
+    for key in resumed:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
+
+
+def test_failure_limit_counts_the_videos_of_all_processes(trained, data, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    val = build_kinetics(copy, "val", mode="test", num_temporal_views=1, num_spatial_crops=1)
+    for path in val.paths[:2]:  # one video per process (views are dealt round-robin), 2 of 4 in all
+        Path(path).write_bytes(b"not a video")
+    args = ["--data-root", str(copy), "--eval", "--resume", str(trained / "checkpoint.pt"), "--workers", "0",
+            "--test-views", "1", "--test-crops", "1", "--max-failure-fraction", "0.3", "--no-progress", "--nproc", "2"]
+    result = run_script(args)  # each process alone has 1 of 4 failed (< 30 %), together 2 of 4 (> 30 %)
+    assert result.returncode == 2, result.stderr
+    assert "error: 2 of 4 videos failed to decode, more than the allowed 30.0%" in result.stderr
+    assert "test: video top-1" not in result.stdout
 
 
 def test_eval_with_two_processes_equals_one(trained, data):
@@ -151,3 +280,13 @@ def test_predict_prints_top_classes(trained, data, capsys):
     assert "30 views" in out and len(result) == 2
     assert {name for name, _ in result} == set((data / "labels.txt").read_text().splitlines())
     assert sum(p for _, p in result) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_predict_refuses_a_variant_that_does_not_fit(trained, data, capsys):
+    video = str(next((data / "val").rglob("*.mp4")))
+    with pytest.raises(SystemExit):  # a typo is caught by the choices
+        predict.get_args_parser().parse_args([video, "--checkpoint", "x.pt", "--model", "x3d-xs"])
+    args = predict.get_args_parser().parse_args([video, "--checkpoint", str(trained / "checkpoint.pt"), "--model",
+                                                 "x3d_l"])
+    assert utils.run_cli(predict.main, args) == 2
+    assert "--model x3d_l does not fit these weights" in capsys.readouterr().err

@@ -1,7 +1,8 @@
-"""Checkpoint files: atomic writes, safe loading, clear errors."""
+"""Checkpoint files (atomic writes, safe loading, clear errors), devices, logging and the command-line runner."""
 
 import argparse
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -10,7 +11,16 @@ import textwrap
 import pytest
 import torch
 
-from utils import CheckpointError, load_checkpoint_file, load_run_checkpoint, save_checkpoint, save_run_checkpoint
+import utils
+from utils import (
+    CheckpointError,
+    UnsafeCheckpointError,
+    UserError,
+    load_checkpoint_file,
+    load_run_checkpoint,
+    save_checkpoint,
+    save_run_checkpoint,
+)
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -28,6 +38,61 @@ def test_code_executing_pickle_is_refused(tmp_path):
     torch.save({"model": {}, "args": argparse.Namespace(lr=0.1)}, path)  # unpickling builds a Namespace object
     with pytest.raises(CheckpointError, match="refused.*execute code"):
         load_checkpoint_file(path)
+
+
+class LeavesATrace:
+    """Unpickling this calls os.makedirs(path): harmless, but it shows whether loading ran code."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return os.makedirs, (self.path,)
+
+
+def write_payload(form: str, path, marker) -> None:
+    """A checkpoint-looking file whose full unpickling would create the folder `marker`."""
+    obj = {"model_state": {"blocks.0.conv.conv_t.weight": torch.zeros(1)}, "cfg": LeavesATrace(str(marker))}
+    if form == "zip":
+        torch.save(obj, path)
+    elif form == "legacy":
+        torch.save(obj, path, _use_new_zipfile_serialization=False)
+    elif form == "raw_pickle":
+        path.write_bytes(pickle.dumps(obj))
+    else:  # a .pyth as the model zoos name them: a torch.save zip with the model under model_state
+        torch.save(obj, path)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on the raw pickle, before refusing it
+@pytest.mark.parametrize("form", ["zip", "legacy", "raw_pickle", "pyth"])
+def test_malicious_checkpoint_is_refused_as_code_not_called_corrupt(tmp_path, form):
+    path = tmp_path / ("x3d.pyth" if form == "pyth" else "checkpoint.pt")
+    write_payload(form, path, tmp_path / "trace")
+    with pytest.raises(UnsafeCheckpointError, match=r"refused: unpickling it would execute code \(it imports and "
+                                                    r"calls (os|posix)\.makedirs\)") as raised:
+        load_checkpoint_file(path)
+    assert "corrupt" not in str(raised.value)
+    assert not (tmp_path / "trace").exists()  # nothing ran
+    # The payload is real: a plain, unsafe load of the same file does run it.
+    with open(path, "rb") as f:
+        pickle.load(f) if form == "raw_pickle" else torch.load(f, weights_only=False)
+    assert (tmp_path / "trace").is_dir()
+
+
+def test_malicious_checkpoint_in_a_run_folder_stops_the_run_loudly(tmp_path):
+    save_run_checkpoint({"epoch": 1}, tmp_path)
+    save_run_checkpoint({"epoch": 2}, tmp_path)
+    write_payload("zip", tmp_path / "checkpoint.pt", tmp_path / "trace")
+    with pytest.raises(UnsafeCheckpointError, match="would execute code.*replaced.*not resuming.*checkpoint_prev"):
+        load_run_checkpoint(tmp_path)
+    # Not handled as damage: the file stays for inspection, nothing is moved aside, nothing ran.
+    assert not (tmp_path / "checkpoint_damaged.pt").exists() and (tmp_path / "checkpoint.pt").exists()
+    assert load_checkpoint_file(tmp_path / "checkpoint_prev.pt")["epoch"] == 1 and not (tmp_path / "trace").exists()
+
+
+def test_missing_checkpoint_points_to_the_models_readme(tmp_path):
+    with pytest.raises(CheckpointError, match=r"no such checkpoint file.*models/README\.md"):
+        load_checkpoint_file(tmp_path / "x3d_m_kinetics.pt")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "missing", "not_a_dict"])
@@ -96,3 +161,57 @@ def test_run_folder_always_has_a_latest_checkpoint(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert load_checkpoint_file(tmp_path / "checkpoint.pt")["epoch"] == 2
     assert load_checkpoint_file(tmp_path / "checkpoint_prev.pt")["epoch"] == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Devices, the command-line runner, --restart, TensorBoard
+# ----------------------------------------------------------------------------------------------------------------------
+def test_gpu_flag_without_cuda_stops_and_says_what_torch_reports(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # launch() sets it; restored after the test
+    ran = []
+    for gpu, device in [("0,1", "auto"), (None, "cuda")]:
+        with pytest.raises(SystemExit) as stopped:
+            utils.launch(argparse.Namespace(gpu=gpu, device=device, nproc=1), ran.append)
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and not ran
+        assert "CUDA is not available" in err and f"torch {torch.__version__}" in err and "--device cpu" in err
+        assert "CUDA devices visible" in err and "Traceback" not in err
+    # Asking for the CPU explicitly runs, and the device line says why it is the CPU.
+    with pytest.raises(SystemExit) as stopped:
+        utils.launch(argparse.Namespace(gpu="0", device="cpu", nproc=1), ran.append)
+    assert stopped.value.code == 0 and len(ran) == 1
+    assert utils.init_distributed("cpu") == torch.device("cpu")
+    assert utils.describe_device(torch.device("cpu")).startswith("device: cpu (CUDA not available: torch ")
+
+
+def test_user_errors_end_with_a_message_and_code_2(capsys):
+    def fails(args):
+        raise UserError("--frob 3 must be even")
+
+    assert utils.run_cli(fails, argparse.Namespace()) == 2
+    assert capsys.readouterr().err == "error: --frob 3 must be even\n"
+    with pytest.raises(ValueError):  # a bug is not a user error: its traceback stays
+        utils.run_cli(lambda args: int("x"), argparse.Namespace())
+
+
+def test_restart_moves_the_previous_run_aside(tmp_path):
+    assert utils.start_over(tmp_path) is None
+    save_run_checkpoint({"epoch": 1}, tmp_path)
+    save_run_checkpoint({"epoch": 2}, tmp_path)
+    (tmp_path / "log.jsonl").write_text("{}\n")
+    (tmp_path / "keep.txt").write_text("not the run's")
+    assert utils.start_over(tmp_path) == tmp_path / "previous_1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", "previous_1"]
+    assert load_checkpoint_file(tmp_path / "previous_1" / "checkpoint.pt")["epoch"] == 2
+    save_run_checkpoint({"epoch": 1}, tmp_path)
+    assert utils.start_over(tmp_path) == tmp_path / "previous_2"
+
+
+def test_tensorboard_writes_events_or_says_what_is_missing(tmp_path, monkeypatch):
+    logger = utils.RunLogger(tmp_path, tensorboard=True)
+    logger.log({"train_loss": 1.5, "shape": "4x32"}, 1.0)
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(UserError, match="--tensorboard needs the tensorboard package.*pip install tensorboard"):
+        utils.RunLogger(tmp_path / "other", tensorboard=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repository
 
 from checkpoints import convert_checkpoint  # noqa: E402
-from utils import CheckpointError, save_checkpoint  # noqa: E402
+from utils import run_cli, save_checkpoint  # noqa: E402
 from x3d import MODELS  # noqa: E402
 
 
@@ -37,12 +37,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(args: argparse.Namespace) -> int:
-    try:
-        converted, notes = convert_checkpoint(args.input, model=args.model, num_classes=args.num_classes)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def main(args: argparse.Namespace) -> None:
+    converted, notes = convert_checkpoint(args.input, model=args.model, num_classes=args.num_classes)
     save_checkpoint(converted, args.output)
     cfg = converted["model_cfg"]
     for note in notes:
@@ -50,8 +46,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"wrote {args.output}: {cfg['name']}, {cfg['num_classes']} classes, {len(converted['model'])} tensors; "
           f"default input {cfg['frames']} frames at sampling rate {cfg['sampling_rate']}, train crop "
           f"{cfg['train_crop']}, test crop {cfg['test_crop']}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(run_cli(main, get_args_parser().parse_args()))
