@@ -223,6 +223,30 @@ def test_sub_bn_training_equals_independent_bn_per_group(channels_last, momentum
     torch.testing.assert_close(bn(x), F.batch_norm(x, mean, var, bn.weight, bn.bias, False, 0.0, bn.eps))
 
 
+def test_sub_bn_channels_last_input_equals_contiguous():
+    """A channels_last_3d input (what training feeds) gives a contiguous input's outputs, gradients and group
+    statistics, and keeps its layout."""
+    torch.manual_seed(0)
+    k, channels = 4, 6
+    fused, strided = SubBatchNorm3d(channels, num_splits=k), SubBatchNorm3d(channels, num_splits=k)
+    _random_affine(fused)
+    strided.load_state_dict(fused.state_dict())
+    for _ in range(2):
+        x = torch.randn(8, channels, 2, 3, 3) * torch.arange(1.0, 9.0).view(8, 1, 1, 1, 1) + 1
+        grad = torch.randn_like(x)
+        xa, xb = x.clone().requires_grad_(), x.contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+        out_a, out_b = fused(xa), strided(xb)
+        assert out_b.is_contiguous(memory_format=torch.channels_last_3d)
+        (out_a * grad).sum().backward()
+        (out_b * grad).sum().backward()
+        torch.testing.assert_close(out_b, out_a)
+        torch.testing.assert_close(xb.grad, xa.grad)
+    torch.testing.assert_close(strided.weight.grad, fused.weight.grad)
+    torch.testing.assert_close(strided.bias.grad, fused.bias.grad)
+    torch.testing.assert_close(strided.split_mean, fused.split_mean)
+    torch.testing.assert_close(strided.split_var, fused.split_var)
+
+
 def test_sub_bn_with_one_split_is_batchnorm3d():
     torch.manual_seed(0)
     ours, ref = SubBatchNorm3d(5), nn.BatchNorm3d(5)
