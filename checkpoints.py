@@ -13,6 +13,9 @@ unpickling would run code is refused):
 |               |                    |                                   | BN buffers (length k*C) are aggregated     |
 
 A `module.` (DDP), `_orig_mod.` (torch.compile) or `model.` (PySlowFast's PyTorchVideo wrapper) prefix is removed.
+
+Class names travel as `classes` (a list, index i = class i), the key this project's run checkpoints use. FAIR's files
+carry none; their 400 outputs are Kinetics-400 in FAIR's order, which is kinetics_400_classes.txt.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from utils import CheckpointError, load_checkpoint_file
+from utils import CheckpointError, UserError, load_checkpoint_file
 from x3d import MODELS, build_model_from_cfg, stage_plan
 
 FORMAT_NAMES = {
@@ -43,6 +46,9 @@ _MARKER_KEYS = {  # one key that only that format has
 _CONTAINER_KEYS = ("model", "model_state", "model_state_dict", "state_dict")
 _PREFIXES = ("module.", "_orig_mod.", "model.")
 _BN_EPS = 1e-5  # every X3D implementation uses BatchNorm's default eps
+# Kinetics-400's names, line i = class i of FAIR's released weights (PySlowFast and PyTorchVideo: the official CSV's
+# labels sorted alphabetically, which is also how kinetics_multigrid.py numbers the official CSV's classes).
+KINETICS_400_CLASSES_FILE = Path(__file__).resolve().with_name("kinetics_400_classes.txt")
 
 # Renaming rules per format: (pattern, replacement). A group named `s` is a stage number, shifted to 0-based by the
 # format's offset; `j` is the block index within the stage. Keys that match no rule stop the conversion.
@@ -329,22 +335,72 @@ def finetune_summary(report: dict, limit: int = 4) -> str:
     return "\n".join(lines)
 
 
-def convert_checkpoint(path: os.PathLike | str, model: str | None = None,
-                       num_classes: int | None = None) -> tuple[dict, list[str]]:
-    """Any supported file -> this project's {"model", "model_cfg", "converted_from"} dict, and what was done."""
+# ----------------------------------------------------------------------------------------------------------------------
+# Class names
+# ----------------------------------------------------------------------------------------------------------------------
+def read_class_names(path: os.PathLike | str, num_classes: int | None = None) -> list[str]:
+    """Class names from a text file, one per line in class-index order (blank lines skipped); checks the count."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such class-name file (expected one name per line, line i = class i)")
+    names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    if num_classes is not None and len(names) != num_classes:
+        raise UserError(f"{path}: {len(names)} class names, but the model has {num_classes} classes")
+    return names
+
+
+def kinetics_400_classes() -> list[str]:
+    """The 400 Kinetics class names in the class order of FAIR's released X3D weights."""
+    return read_class_names(KINETICS_400_CLASSES_FILE, 400)
+
+
+def default_class_names(num_classes: int, stored: object = None) -> tuple[list[str] | None, str]:
+    """(names, where they come from) for a classifier without --labels: `stored` (a checkpoint's `classes`) when it
+    names every class, else Kinetics-400's for 400 classes, else (None, why not).
+
+    Stored names that are only the indices ("0", "1", ...: a list file trained without labels.txt) count as none.
+    """
+    if (isinstance(stored, list) and len(stored) == num_classes and all(isinstance(c, str) for c in stored)
+            and stored != [str(i) for i in range(num_classes)]):
+        return stored, "stored in the checkpoint"
+    if num_classes == 400:
+        return kinetics_400_classes(), f"Kinetics-400 in FAIR's order ({KINETICS_400_CLASSES_FILE.name})"
+    return None, f"none known for {num_classes} classes"
+
+
+def _converted_class_names(given: list[str] | None, num_classes: int, in_weights: int, stored: object,
+                           path: os.PathLike | str) -> tuple[list[str] | None, str]:
+    if given is not None:
+        if len(given) != num_classes:
+            raise CheckpointError(f"{path}: {len(given)} class names given for a model of {num_classes} classes")
+        return list(given), "as given"
+    if num_classes != in_weights:  # a fresh classifier's outputs mean nothing yet
+        return None, "none for a re-initialised classifier"
+    return default_class_names(num_classes, stored)
+
+
+def convert_checkpoint(path: os.PathLike | str, model: str | None = None, num_classes: int | None = None,
+                       classes: list[str] | None = None) -> tuple[dict, list[str]]:
+    """Any supported file -> this project's {"model", "model_cfg", "converted_from"[, "classes", "classes_from"]}
+    dict, and what was done.
+
+    `classes` names the converted model's classes; by default they are the checkpoint's own names, or Kinetics-400's
+    for a 400-class classifier (FAIR's files carry no names), and none for a re-initialised classifier.
+    `classes_from` says which.
+    """
     ckpt, state, fmt = _read(path)
     stored_cfg = ckpt.get("model_cfg") if fmt == "project" and isinstance(ckpt.get("model_cfg"), dict) else None
     name, why = resolve_variant(state, model, stored_cfg.get("name") if stored_cfg else None, path)
-    classes = state["head.classifier.weight"].shape[0] if "head.classifier.weight" in state else None
-    if classes is None:
+    if "head.classifier.weight" not in state:
         raise CheckpointError(f"{path}: the classifier weights are missing")
+    in_weights = state["head.classifier.weight"].shape[0]
     cfg = dataclasses.asdict(MODELS[name].default_cfg)
     if stored_cfg and stored_cfg.get("name") == name:
         cfg.update(stored_cfg)
-    cfg["num_classes"] = num_classes or classes
+    cfg["num_classes"] = num_classes or in_weights
     net = build_model_from_cfg(cfg)
-    notes = [f"{path}: {FORMAT_NAMES[fmt]}", f"variant {name} ({why}), {classes} classes in the weights"]
-    if cfg["num_classes"] == classes:
+    notes = [f"{path}: {FORMAT_NAMES[fmt]}", f"variant {name} ({why}), {in_weights} classes in the weights"]
+    if cfg["num_classes"] == in_weights:
         try:
             net.load_state_dict(state)
         except RuntimeError as e:
@@ -352,6 +408,10 @@ def convert_checkpoint(path: os.PathLike | str, model: str | None = None,
     else:
         report = load_finetune(net, state, path)
         notes.append(f"classifier re-initialised for {cfg['num_classes']} classes; {finetune_summary(report)}")
+    names, source = _converted_class_names(classes, cfg["num_classes"], in_weights, ckpt.get("classes"), path)
+    notes.append(f"class names: {source}")
     out = {"model": net.state_dict(), "model_cfg": dataclasses.asdict(net.cfg),
            "converted_from": {"file": Path(path).name, "format": fmt}}
+    if names is not None:
+        out.update(classes=names, classes_from=source)
     return out, notes

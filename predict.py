@@ -5,22 +5,23 @@
 
 The checkpoint may be this project's or any format tools/convert_checkpoint.py reads (FAIR's PySlowFast and
 PyTorchVideo files, the original X3D-Multigrid files). Class names come from --labels (one per line), else from the
-checkpoint, else they are printed as indices.
+checkpoint (`classes`, which this project's runs and tools/convert_checkpoint.py store), else, for a 400-class model,
+Kinetics-400's in the class order of FAIR's released weights (kinetics_400_classes.txt), else they are printed as
+indices.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
 import engine
-from checkpoints import convert_checkpoint
+from checkpoints import convert_checkpoint, read_class_names
 from kinetics_multigrid import KineticsDataset, Video
-from utils import UserError, load_checkpoint_file, run_cli
+from utils import UserError, run_cli
 from x3d import MODELS, build_model_from_cfg
 
 
@@ -39,17 +40,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def class_names(args: argparse.Namespace, num_classes: int) -> list[str]:
-    """--labels, else the names stored in a checkpoint of this project, else indices."""
-    if args.labels:
-        names = [line.strip() for line in Path(args.labels).read_text().splitlines() if line.strip()]
-        if len(names) != num_classes:
-            raise UserError(f"{args.labels}: {len(names)} class names, but the model has {num_classes} classes")
-        return names
-    stored = load_checkpoint_file(args.checkpoint).get("classes")
-    if isinstance(stored, list) and len(stored) == num_classes:
-        return stored
-    return [f"class {i}" for i in range(num_classes)]
+def class_names(labels: str | None, converted: dict, num_classes: int) -> tuple[list[str], str]:
+    """(names, where they come from): --labels, else the converted checkpoint's (its own `classes`, or Kinetics-400's
+    for 400 classes: see checkpoints.convert_checkpoint), else "class i"."""
+    if labels:
+        return read_class_names(labels, num_classes), labels
+    if converted.get("classes"):
+        return converted["classes"], converted["classes_from"]
+    return [f"class {i}" for i in range(num_classes)], "none known, so indices"
 
 
 def main(args: argparse.Namespace) -> list[tuple[str, float]]:
@@ -57,7 +55,7 @@ def main(args: argparse.Namespace) -> list[tuple[str, float]]:
     model = build_model_from_cfg(converted["model_cfg"])
     model.load_state_dict(converted["model"])
     cfg = model.cfg
-    names = class_names(args, cfg.num_classes)
+    names, names_from = class_names(args.labels, converted, cfg.num_classes)
 
     # One video in test mode: item i is (temporal view i // crops, spatial crop i % crops).
     dataset = KineticsDataset([Video(str(args.video), 0)], names, mode="test", frames=cfg.frames,
@@ -73,7 +71,7 @@ def main(args: argparse.Namespace) -> list[tuple[str, float]]:
         raise UserError(f"{args.video}: could not be decoded")
     top = scores[0].topk(min(args.topk, cfg.num_classes))
     result = [(names[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist())]
-    print(f"{args.video}  ({cfg.name}, {int(counts[0])} views; {notes[0]})")
+    print(f"{args.video}  ({cfg.name}, {int(counts[0])} views; {notes[0]}; class names: {names_from})")
     for name, p in result:
         print(f"  {p:7.2%}  {name}")
     return result

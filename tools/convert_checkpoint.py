@@ -6,8 +6,11 @@
 
 Reads this project's checkpoints, PySlowFast and PyTorchVideo `.pyth` files and the original X3D-Multigrid `.pt`
 files (see checkpoints.py), always with torch.load(weights_only=True): a file whose unpickling would run code is
-refused. Writes {"model": state_dict, "model_cfg": ..., "converted_from": ...}, which --finetune and predict.py load
-directly. Nothing is downloaded: get the files first (models/README.md).
+refused. Writes {"model": state_dict, "model_cfg": ..., "converted_from": ..., "classes": [names]}, which --finetune
+and predict.py load directly. Nothing is downloaded: get the files first (models/README.md).
+
+Class names: --labels FILE, else the checkpoint's own, else Kinetics-400's (kinetics_400_classes.txt, FAIR's class
+order) for a 400-class classifier, since FAIR's files carry no names; none for a re-initialised classifier.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repository
 
-from checkpoints import convert_checkpoint  # noqa: E402
+from checkpoints import convert_checkpoint, read_class_names  # noqa: E402
 from utils import run_cli, save_checkpoint  # noqa: E402
 from x3d import MODELS  # noqa: E402
 
@@ -34,11 +37,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None,
                    help="Classes of the converted model. Default: the checkpoint's. A different number replaces the "
                         "classifier by a freshly initialised one (as fine-tuning would).")
+    p.add_argument("--labels", default=None, metavar="FILE",
+                   help="Class names to store, one per line in class-index order. Default: the checkpoint's own, else "
+                        "Kinetics-400's in FAIR's order for 400 classes (FAIR's files carry no names).")
     return p
 
 
 def main(args: argparse.Namespace) -> None:
-    converted, notes = convert_checkpoint(args.input, model=args.model, num_classes=args.num_classes)
+    classes = read_class_names(args.labels) if args.labels else None
+    converted, notes = convert_checkpoint(args.input, model=args.model, num_classes=args.num_classes, classes=classes)
     save_checkpoint(converted, args.output)
     cfg = converted["model_cfg"]
     for note in notes:

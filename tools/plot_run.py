@@ -1,6 +1,11 @@
-"""Plot a run folder: loss/accuracy curves from log.jsonl and the multigrid schedule from schedule.json.
+"""Plot a run folder: loss/accuracy/LR curves from log.jsonl and the multigrid schedule from schedule.json.
 
-    python tools/plot_run.py logs/x3d_xs_demo        # writes curves.png and schedule.png into the run folder
+    python tools/plot_run.py logs/x3d_xs_demo              # writes curves.png and schedule.png into the run folder
+    python tools/plot_run.py logs/x3d_xs_demo/log.jsonl    # the same
+
+curves.png stacks three panels over epochs: training loss; top-1 (solid) and top-5 (dashed) of training, validation
+and test (and mAP for multi-label runs); the learning rate. Dotted vertical lines mark where each multigrid stage
+starts, labelled with its clip shape T×crop (frames × crop size) where the stage is wide enough for the label.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 def get_args_parser() -> argparse.ArgumentParser:
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", help="Run folder holding log.jsonl (and schedule.json for the schedule plot).")
+    p.add_argument("run_dir", help="Run folder holding log.jsonl (and schedule.json for the schedule plot), or the "
+                                   "log.jsonl itself.")
     p.add_argument("--out-dir", default=None, help="Where to write the PNGs (default: the run folder).")
     return p
 
@@ -37,21 +43,64 @@ def read_log(path: Path) -> list[dict]:
     return rows
 
 
-def plot_curves(rows: list[dict], out: Path) -> Path:
-    """Training loss, and train/val/test top-1 against epochs."""
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, keys in ((ax_loss, ["train_loss"]), (ax_acc, ["train_top1", "val_top1", "test_top1"])):
-        for key in keys:
+# (key, colour, line style) per panel; top-5 dashed in the colour of its top-1.
+_PANELS = {
+    "loss": [("train_loss", "C0", "-")],
+    "accuracy (%)": [("train_top1", "C0", "-"), ("val_top1", "C1", "-"), ("val_top5", "C1", "--"),
+                     ("test_top1", "C2", "-"), ("test_top5", "C2", "--"), ("val_map", "C3", "-"),
+                     ("test_map", "C4", "-")],
+    "learning rate": [("train_lr", "C0", "-")],
+}
+
+
+def _mark_stages(fig: plt.Figure, axes: list[plt.Axes], stages: list[dict]) -> None:
+    """A dotted line at each stage start on every panel; above the top panel, the stage's T×crop where it fits."""
+    for ax in axes:
+        for s in stages:
+            ax.axvline(s["start"], color="0.55", linestyle=":", linewidth=1, zorder=0)
+    top = axes[0]
+    labels = [(s, top.text(s["start"], 1.01, f" {s['frames']}×{s['crop']}", transform=top.get_xaxis_transform(),
+                           ha="left", va="bottom", fontsize=8, color="0.3")) for s in stages]
+    fig.tight_layout()  # room for the labels above the top panel, then measure what fits
+    renderer = fig.canvas.get_renderer()
+    for s, text in labels:
+        (x0, _), (x1, _) = top.transData.transform([(s["start"], 0), (s["end"], 0)])
+        if text.get_window_extent(renderer).width > x1 - x0:
+            text.remove()  # too narrow a stage: the line alone marks it
+
+
+def curves_figure(rows: list[dict], schedule: dict | None = None) -> plt.Figure:
+    """Loss, top-1/top-5 and learning rate against epochs, with the multigrid stages of `schedule` marked."""
+    fig, axes = plt.subplots(len(_PANELS), 1, figsize=(10, 9), sharex=True)
+    for ax, (ylabel, keys) in zip(axes, _PANELS.items()):
+        for key, colour, style in keys:
             points = [(r["epoch"], r[key]) for r in rows if key in r]
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o" if len(points) < 30 else None, label=key)
-        ax.set_xlabel("epoch")
+                ax.plot(xs, ys, color=colour, linestyle=style, marker="o" if len(points) < 30 else None,
+                        markersize=4, label=key)
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend()
-    ax_loss.set_ylabel("loss")
-    ax_acc.set_ylabel("top-1 (%)")
-    fig.tight_layout()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="best")
+    if schedule and schedule.get("lr"):  # the LR function between the per-epoch points (warm-up, stage jumps)
+        epochs, lrs = zip(*schedule["lr"])
+        axes[-1].plot(epochs, lrs, color="0.6", linewidth=1, zorder=1, label="lr (schedule.json)")
+        axes[-1].legend(fontsize=8, loc="best")
+    axes[-1].set_xlabel("epoch")
+    stages = (schedule or {}).get("stages") or []
+    if stages:
+        last = max(max(s["end"] for s in stages), max((r["epoch"] for r in rows), default=0))
+        axes[0].set_xlim(0, last * 1.01)  # a margin, so the final evaluation's markers show whole
+        _mark_stages(fig, list(axes), stages)
+    else:
+        fig.tight_layout()
+    return fig
+
+
+def plot_curves(rows: list[dict], out: Path, schedule: dict | None = None) -> Path:
+    """curves.png in `out` (see curves_figure)."""
+    fig = curves_figure(rows, schedule)
     path = out / "curves.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -81,12 +130,15 @@ def plot_schedule(schedule: dict, out: Path) -> Path:
 
 
 def main(args: argparse.Namespace) -> list[Path]:
-    run_dir = Path(args.run_dir)
+    given = Path(args.run_dir)
+    run_dir, log = (given.parent, given) if given.is_file() else (given, given / "log.jsonl")
     out = Path(args.out_dir or run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = [plot_curves(read_log(run_dir / "log.jsonl"), out)]
-    if (run_dir / "schedule.json").is_file():
-        written.append(plot_schedule(json.loads((run_dir / "schedule.json").read_text()), out))
+    schedule_file = run_dir / "schedule.json"
+    schedule = json.loads(schedule_file.read_text()) if schedule_file.is_file() else None
+    written = [plot_curves(read_log(log), out, schedule)]
+    if schedule is not None:
+        written.append(plot_schedule(schedule, out))
     for path in written:
         print(f"wrote {path}")
     return written
