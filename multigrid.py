@@ -51,6 +51,10 @@ clips, ceil(bn_base_size / batch), rounded up to a divisor of `world_size` so th
 divisor is enough, and plain BN with one process.
 Sampling rate: a clip of t < T0 frames draws its rate from [rate, floor(rate·T0/t)], so it can still span the base
 clip's time (PySlowFast uses rate·(T0 // t)).
+
+Fewest frames: `min_frames` raises every long-cycle shape to at least that many frames (its batch factor follows from
+the formula above). The default 1 is the paper's rule; with T0 = 4 (X3D-XS) its coarsest shape is then a single frame,
+which shows no motion, and the recipes default to 2 (benchmarks/README.md says what that changed on the demo).
 """
 
 from __future__ import annotations
@@ -232,8 +236,8 @@ class MultigridSchedule:
         need(self.epochs >= 1 and self.lr > 0 and self.gamma > 0 and self.epoch_factor > 0,
              "epochs, lr, gamma and epoch_factor must be positive")
         need(min(self.base_batch, self.base_frames, self.base_rate, self.bn_base_size, cosine_cycles,
-                 self.world_size) >= 1 and self.base_crop >= 4,
-             "base batch/frames/rate/crop, bn_base_size, cosine_cycles and world_size must be positive")
+                 self.world_size, self.min_frames) >= 1 and self.base_crop >= 4,
+             "base batch/frames/rate/crop, bn_base_size, cosine_cycles, world_size and min_frames must be positive")
         need(self._stretched_epochs() >= 1, f"epochs × epoch_factor = {self.epochs * self.epoch_factor:g} leaves no "
                                             "whole epoch to train")
         need(0 <= warmup_epochs < self.epochs, f"warmup_epochs must be in [0, epochs), got {warmup_epochs}")

@@ -378,3 +378,16 @@ def test_clear_errors():
         ShortCycleBatchSampler(10, demo_schedule(), rank=2, world_size=2)
     with pytest.raises(ValueError, match="start_iter"):
         ShortCycleBatchSampler(10, demo_schedule(), start_iter=5)
+
+
+def test_min_frames_floors_the_long_cycle_and_rescales_its_batch():
+    # X3D-XS's 4-frame base: the paper's coarsest shape is 1 frame; with a floor of 2 its batch factor halves to 4
+    paper = demo_schedule(base_frames=4, base_rate=12)
+    floored = demo_schedule(base_frames=4, base_rate=12, min_frames=2)
+    assert [(st.frames, st.batch_factor) for st in paper.stages[:4]] == [(1, 8), (2, 4), (2, 2), (4, 1)]
+    assert [(st.frames, st.batch_factor) for st in floored.stages[:4]] == [(2, 4), (2, 4), (2, 2), (4, 1)]
+    assert (floored.stages[0].rate_min, floored.stages[0].rate_max) == (12, 24)  # still spans the base clip
+    assert demo_schedule(min_frames=2).stages[:4] == demo_schedule().stages[:4]  # 8 frames: T0/4 = 2 already
+    assert demo_schedule(base_frames=4, min_frames=9).stages[0].frames == 4  # never above the base
+    with pytest.raises(ValueError, match="min_frames"):
+        demo_schedule(min_frames=0)
