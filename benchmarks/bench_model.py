@@ -6,7 +6,7 @@
 Rows, each at the same input and batch, with the same SGD step:
 - PyTorchVideo 0.1.5 `create_x3d` (the reference), in the default layout and in channels_last_3d;
 - x3d.py in channels_last_3d (what the training scripts use) with ATen's own depthwise backward;
-- x3d.py as it trains, with the depthwise backward of x3d.DepthwiseConv3d.
+- x3d.py as it trains, with the depthwise backward of depthwise_conv.DepthwiseConv3d.
 Each row runs in its own process, so its peak resident memory (ru_maxrss) is its own. Printed: training clips/s
 (forward, backward, optimizer step), inference clips/s (no grad, eval mode) and peak memory.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def build(row: str, frames: int, crop: int, num_classes: int) -> nn.Module:
     import x3d
 
     if row == "ours_aten":
-        x3d.DepthwiseConv3d.forward = nn.Conv3d.forward  # this process only: ATen's conv3d forward and backward
+        os.environ["X3D_DEPTHWISE_BACKWARD"] = "aten"  # this process only: ATen's conv3d backward
     return x3d.build_model("x3d_xs", num_classes=num_classes, dropout=0.0).to(memory_format=torch.channels_last_3d)
 
 

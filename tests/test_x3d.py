@@ -152,6 +152,14 @@ def test_depthwise_conv_gradients_equal_aten(kernel, stride, padding, channels_l
         torch.testing.assert_close(conv(x), ref(x))
 
 
+def test_depthwise_backward_can_be_turned_off(monkeypatch):
+    conv = DepthwiseConv3d(4, 3, padding=1)
+    x = torch.randn(1, 4, 3, 5, 5, requires_grad=True)
+    assert type(conv(x).grad_fn).__name__ == "_DepthwiseConv3dFunctionBackward"
+    monkeypatch.setenv("X3D_DEPTHWISE_BACKWARD", "aten")
+    assert type(conv(x).grad_fn).__name__ == "ConvolutionBackward0"
+
+
 def test_depthwise_conv_under_cpu_autocast():
     """Under bf16 autocast the custom backward returns gradients in the parameters' dtype, close to fp32's."""
     torch.manual_seed(0)
