@@ -544,6 +544,22 @@ def default_input(name: str) -> dict:
     return {key: getattr(cfg, key) for key in INPUT_FIELDS}
 
 
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """Convert a model to channels_last_3d (the layout it trains and runs in), in place, and return it.
+
+    Weights whose memory order the conversion does not change (1x1x1 and depthwise kernels: the dims it moves have
+    size 1) keep their standard strides. The gradients ATen and DepthwiseConv3d compute for them have standard strides,
+    and DDP lays out its gradient buckets with the parameters' strides: a mismatch costs a copy per parameter and step
+    ("Grad strides do not match bucket view strides").
+    """
+    model.to(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 5 and p.is_contiguous():  # same element order in both layouts
+                p.data = p.data.clone(memory_format=torch.contiguous_format)
+    return model
+
+
 def set_bn_splits(model: nn.Module, k: int, sync_devices: int = 1) -> None:
     """Switch every sub-batch BN of `model` in place to k groups per device, or (k = 1, sync_devices > 1) to BN over
     the batches of `sync_devices` consecutive ranks; same parameters, so an optimizer stays valid.

@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import socket
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +29,7 @@ from x3d import (
     build_model_from_cfg,
     default_input,
     set_bn_splits,
+    to_channels_last,
 )
 
 # Exact parameter counts (400 classes) and multiply-add GFLOPs of one clip at the training input (DESIGN section 3).
@@ -551,3 +554,27 @@ def test_sync_bn_without_process_group_is_plain_bn(caplog):
             torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
     with pytest.raises(ValueError, match="single split per device"):
         bn.set_splits(2, group=object())
+
+
+def _ddp_warnings_worker(rank: int, world: int, port: int, out: str) -> None:
+    _init(rank, world, port)
+    model = to_channels_last(build_model("x3d_xs", num_classes=4, dropout=0.0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        net = DistributedDataParallel(model, forward_sync_buffers=False)
+        clips = torch.randn(2, 3, 4, 32, 32).contiguous(memory_format=torch.channels_last_3d)
+        for _ in range(2):
+            net(clips).sum().backward()
+    if rank == 0:
+        Path(out).write_text("\n".join(str(w.message) for w in caught))
+    dist.destroy_process_group()
+
+
+def test_channels_last_model_trains_under_ddp_without_warnings(tmp_path):
+    # DDP's gradient buckets follow the parameters' strides; the gradients of 1x1x1 and depthwise kernels come back
+    # with standard strides, which to_channels_last keeps for them
+    model = to_channels_last(build_model("x3d_xs", num_classes=4))
+    assert model.stem.conv_s.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert all(p.stride() == p.contiguous().stride() for p in model.parameters() if p.is_contiguous())
+    _run_ranks(_ddp_warnings_worker, 2, str(tmp_path / "warnings.txt"))
+    assert (tmp_path / "warnings.txt").read_text() == ""
