@@ -10,8 +10,10 @@ Frames: `<root>/Charades_v1_rgb/<id>/<id>-000001.jpg` (24 fps) or `<root>/<id>/`
 Time and labels. Frame f of a video at `fps` shows time t = f / fps; it carries class c when start <= t <= end for one
 of c's actions (both ends included, the rule of the official localization evaluation). A clip's multi-hot target is
 the union of the actions overlapping its time span [t(first frame), t(last frame)]; a test view's target for
-classification is the union of all the video's actions. Sampling rates are in frames of a 30-fps video, as for
-Kinetics (rate 5 at 24 fps steps 4 source frames): a clip of T frames at rate r spans T·r/30 s in either dataset.
+classification is the union of all the video's actions. Sampling rates are in frames of a 30-fps video by default,
+as for Kinetics (rate 5 at 24 fps steps 4 source frames); `rate_fps=24` counts them in Charades' own 24-fps frames,
+the unit of the original recipe (16 frames at rate 10 span 160 frames, 6.7 s). Class names come from
+`Charades_v1_classes.txt` when present (`c000 Holding some clothes`), else they are the codes c000, c001, ...
 
 Tasks. "class": train `(clip, target (K,))`, test V temporal × C spatial views `(clip, target (K,), video_index,
 view_index)` (PySlowFast takes the max over views). "loc": train `(clip, target (K, T))` per sampled frame; test one
@@ -32,11 +34,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from kinetics_multigrid import TARGET_FPS, AnnotationError, MissingDataError, VideoClipDataset, drop_missing
+from video_dataset import AnnotationError, MissingDataError, VideoClipDataset, drop_missing
 from video_io import VideoInfo
 
 NUM_CLASSES = 157
 CHARADES_FPS = 24.0  # the official RGB frame dumps
+MEAN, STD = (0.413, 0.368, 0.338), (0.131, 0.125, 0.132)  # Charades' own RGB statistics (the original repository's)
 LOCALIZATION_POINTS = 25  # frames scored per test video in the official localization evaluation
 _SUBSETS = {"train": "train", "training": "train", "test": "test", "testing": "test", "val": "test",
             "validate": "test", "validation": "test"}
@@ -113,6 +116,12 @@ def load_charades_annotations(path: str | Path, subset: str | None = None) -> li
     return _load_json(path) if path.suffix == ".json" else _load_csv(path, subset)
 
 
+def read_classes(path: Path) -> list[str]:
+    """Class names of `Charades_v1_classes.txt` (lines `c000 Holding some clothes`), in index order; [] without it."""
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return [line.split(" ", 1)[-1] for line in lines]
+
+
 def _default_annotations(root: Path, subset: str) -> Path:
     candidates = [root / f"Charades_v1_{subset}.csv", root / "charades.json", root / "data" / "charades.json"]
     found = next((p for p in candidates if p.is_file()), None)
@@ -179,22 +188,22 @@ class CharadesDataset(VideoClipDataset):
         videos = [v for v in videos if v.subset == subset]
         if not videos:
             raise ValueError(f"{source}: no {subset} videos")
-        classes_txt = root / "Charades_v1_classes.txt"
+        classes = read_classes(root / "Charades_v1_classes.txt")
         if num_classes is None:  # the official list has 157 lines; generated data sets may have fewer classes
-            lines = classes_txt.read_text().splitlines() if classes_txt.is_file() else []
-            num_classes = sum(1 for line in lines if line.strip()) or NUM_CLASSES
+            num_classes = len(classes) or NUM_CLASSES
+        classes = (classes + [f"c{c:03d}" for c in range(len(classes), num_classes)])[:num_classes]
         bad = next((v for v in videos for c, _, _ in v.actions if not 0 <= c < num_classes), None)
         if bad is not None:
             raise AnnotationError(f"{source}: video {bad.id} has a class outside 0..{num_classes - 1}")
         found = _locate(root, [v.id for v in videos])
-        videos = drop_missing(videos, [v.id in found for v in videos], f"{source} ({subset}) under {root}")
+        videos, missing = drop_missing(videos, [v.id in found for v in videos], f"{source} ({subset}) under {root}")
         if num_temporal_views is None:
             num_temporal_views = 1 if task == "loc" else 10
         if task == "loc" and kwargs.get("mode") == "test" and num_temporal_views != 1:
             raise ValueError("task 'loc' tests one whole-video view per spatial crop: use num_temporal_views=1")
         super().__init__([found[v.id] for v in videos], num_temporal_views=num_temporal_views, frame_fps=frame_fps,
-                         **kwargs)
-        self.videos, self.task, self.num_classes = videos, task, num_classes
+                         missing=missing, **kwargs)
+        self.videos, self.task, self.classes = videos, task, classes
 
     def target(self, video: int, indices: list[int], fps: float) -> torch.Tensor:
         actions = self.videos[video].actions
@@ -210,7 +219,7 @@ class CharadesDataset(VideoClipDataset):
     def test_windows(self, video: int, info: VideoInfo) -> list[list[int]]:
         if self.task == "class":
             return super().test_windows(video, info)
-        step = self.sampling_rate * info.fps / TARGET_FPS  # source frames per output frame
+        step = self.sampling_rate * info.fps / self.rate_fps  # source frames per output frame
         return [[int(i * step) for i in range(max(1, math.ceil(info.num_frames / step)))]]
 
 
@@ -262,6 +271,12 @@ def localization_frame_indices(num_frames: int, num_points: int = LOCALIZATION_P
     if num_frames < 1:
         raise ValueError(f"a sequence needs at least one frame, got {num_frames}")
     return [j * num_frames // num_points for j in range(num_points)]
+
+
+def localization_targets(video: CharadesVideo, num_classes: int, num_points: int = LOCALIZATION_POINTS) -> torch.Tensor:
+    """(K, P) ground truth of the localization protocol: the classes at times j·length/P, j = 0..P-1, from the
+    annotations alone, so a video that failed to decode still counts (with -inf scores)."""
+    return frame_labels(video.actions, [j * video.length_s / num_points for j in range(num_points)], num_classes)
 
 
 def localization_map(logits: torch.Tensor | Sequence[torch.Tensor], targets: torch.Tensor | Sequence[torch.Tensor],

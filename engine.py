@@ -1,19 +1,42 @@
-"""Training and evaluation loops shared by the recipes: one epoch of SGD, multi-view prediction, precise BN."""
+"""The training engine the three recipes share: one epoch of SGD, multi-view prediction, precise BN, and the run
+around them (start, resume, the epoch loop with its evaluations and checkpoints, the final test).
+
+A recipe (train_*.py) describes its task in a `Task` (loss, evaluation and its best metric, result line, optionally
+an LR factor from the validation results) and builds its datasets and model; `fit` and `test` do the rest the same
+way for all. Checkpoints hold plain data only: weights, optimizer, epoch and iteration, the partial sums of a
+mid-epoch stop (so a resumed epoch reports the whole epoch), the validation results so far, flags and model config.
+"""
 
 from __future__ import annotations
 
+import argparse
+import copy
+import dataclasses
+import itertools
+import json
 import math
+import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import utils
+from checkpoints import convert_checkpoint, finetune_summary, load_finetune, load_weights
+from multigrid import MultigridSchedule, ShortCycleBatchSampler
 from utils import Interrupted, get_world_size, is_main_process
+from x3d import build_model, default_input, set_bn_splits, to_channels_last
 
 BN_STAT_SUFFIXES = ("running_mean", "running_var")
+FEW_ITERATIONS = 10  # fewer steps than this per epoch at a shape: BN statistics and the LR curve get coarse
 
 
 class NonFiniteLossError(RuntimeError):
@@ -21,11 +44,12 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainingStopped(Interrupted):
-    """Raised on every rank when a stop was requested on any rank (Ctrl-C); `iteration` steps of `epoch` are done."""
+    """Raised on every rank when a stop was requested on any rank (Ctrl-C); `iteration` steps of `epoch` (0-based)
+    are done; the message counts epochs from 1, as the progress bar."""
 
-    def __init__(self, epoch: int, iteration: int, saved: bool) -> None:
-        super().__init__(f"Ctrl-C: stopped at epoch {epoch}, iteration {iteration}"
-                         + (" and saved a checkpoint there" if saved else ""))
+    def __init__(self, epoch: int, iteration: int, saved: bool, num_epochs: int | None = None) -> None:
+        super().__init__(f"Ctrl-C: stopped at epoch {epoch + 1}" + (f"/{num_epochs}" if num_epochs else "")
+                         + f", iteration {iteration}" + (" and saved a checkpoint there" if saved else ""))
         self.epoch, self.iteration = epoch, iteration
 
 
@@ -59,6 +83,12 @@ def iteration_seed(seed: int, epoch: int, iteration: int) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------------
+def new_meters() -> dict:
+    """Running sums of an epoch: plain data, so a mid-epoch checkpoint can hold them and a resumed epoch go on."""
+    return {"loss": 0.0, "top1": 0.0, "top1_clips": 0, "clips": 0, "iters": 0, "wait": 0.0, "seconds": 0.0,
+            "shapes": {}}
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -71,23 +101,37 @@ def train_one_epoch(
     device: torch.device,
     seed: int,
     start_iter: int = 0,
+    num_epochs: int | None = None,
+    meters: dict | None = None,
     amp: str = "none",
     scaler: torch.amp.GradScaler | None = None,
     clip_grad: float | None = None,
-    save_fn: Callable[[int], None] | None = None,
+    save_fn: Callable[[int, dict], None] | None = None,
     save_every: int = 0,
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
 ) -> dict:
     """One pass over `loader` (which already skips the first `start_iter` batches when resuming); returns averages,
     and under "shapes" the seconds, iterations and data wait of each batch shape (`batch x frames x crop`), the
-    short cycle's included, so that the cost of an iteration can be compared across multigrid's shapes."""
+    short cycle's included, so that the cost of an iteration can be compared across multigrid's shapes.
+
+    `meters`: the sums of the iterations before `start_iter` (a mid-epoch checkpoint's), so that the averages cover the
+    whole epoch; `save_fn(iteration, meters)` writes a checkpoint holding them. Top-1 is counted for single-label
+    (integer) targets only.
+    """
     model.train()
-    meters = {"loss": 0.0, "top1": 0.0, "clips": 0, "iters": 0, "wait": 0.0}
-    shapes: dict[str, dict[str, float]] = {}
-    bar = tqdm(total=num_iters, initial=start_iter, disable=not (progress and is_main_process()),
-               desc=f"epoch {epoch}", dynamic_ncols=True, leave=False)
+    meters = copy.deepcopy(meters) if meters else new_meters()
+    shapes = meters["shapes"]
+    done_before = meters["seconds"]  # seconds of this epoch before a resume
+    label = f"epoch {epoch + 1}" + (f"/{num_epochs}" if num_epochs else "")  # 1-based, as the epoch summary
+    bar = tqdm(total=num_iters, initial=start_iter, disable=not (progress and is_main_process()), desc=label,
+               dynamic_ncols=True, leave=False)
     start = tick = time.perf_counter()
+
+    def snapshot() -> dict:
+        meters["seconds"] = done_before + time.perf_counter() - start
+        return copy.deepcopy(meters)
+
     for it, (clips, targets) in enumerate(loader, start=start_iter):
         wait = time.perf_counter() - tick  # time spent waiting for the data loader
         meters["wait"] += wait
@@ -100,41 +144,24 @@ def train_one_epoch(
             logits = model(clips)
             loss = criterion(logits.float(), targets)
 
-        # Every rank must stop together, or the others hang in the next all-reduce: the loss check and a stop
-        # request (Ctrl-C on any rank, `should_stop`) travel in one all-reduce, before the update. CPU-GPU sync point.
-        stop = float(should_stop is not None and should_stop())
-        check = torch.stack([loss.detach().float(), torch.tensor(stop, device=loss.device)])
-        if get_world_size() > 1:
-            dist.all_reduce(check)
-        total_loss, stops = check.tolist()
-        if stops > 0:
+        total_loss, stop = _agree(loss, should_stop)
+        if stop:
             bar.close()
             if save_fn is not None:
-                save_fn(it)  # the weights after `it` steps: this step has not updated them
+                save_fn(it, snapshot())  # the weights after `it` steps: this step has not updated them
             if get_world_size() > 1:
                 dist.barrier()  # the launcher ends every worker once one exits: let rank 0 finish writing first
-            raise TrainingStopped(epoch, it, saved=save_fn is not None)
+            raise TrainingStopped(epoch, it, saved=save_fn is not None, num_epochs=num_epochs)
         if not math.isfinite(total_loss):
-            raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at epoch {epoch}, iteration {it} "
+            raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at {label}, iteration {it} "
                                      f"(lr {lr:.4g}); stopping. The last checkpoint written is kept.")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if clip_grad:
-            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        _update(model, loss, optimizer, scaler, clip_grad)
 
         n = clips.shape[0]
         meters["loss"] += loss.item() * n
         # on a GPU the step may still run here; its time then falls on the next iteration of the same shape mostly
-        shape = shapes.setdefault(f"{n}x{clips.shape[2]}x{clips.shape[3]}", {"seconds": 0.0, "iters": 0, "wait": 0.0})
+        key = f"{n}x{clips.shape[2]}x{clips.shape[3]}"  # batch x frames x crop
+        shape = shapes.setdefault(key, {"seconds": 0.0, "iters": 0, "wait": 0.0})
         shape["seconds"] += time.perf_counter() - tick
         shape["iters"] += 1
         shape["wait"] += wait
@@ -142,20 +169,22 @@ def train_one_epoch(
         meters["iters"] += 1
         if targets.dtype == torch.long:  # single-label task: report batch top-1
             meters["top1"] += (logits.argmax(1) == targets).sum().item()
-        elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{loss.item():.3f}", top1=f"{100 * meters['top1'] / meters['clips']:.1f}",
-                        lr=f"{lr:.3g}", shape=f"{n}x{clips.shape[2]}x{clips.shape[3]}",
+            meters["top1_clips"] += n
+        elapsed = done_before + time.perf_counter() - start
+        top1 = {"top1": f"{100 * meters['top1'] / meters['top1_clips']:.1f}"} if meters["top1_clips"] else {}
+        bar.set_postfix(loss=f"{loss.item():.3f}", **top1, lr=f"{lr:.3g}", shape=key,
                         clips_s=f"{meters['clips'] / elapsed:.1f}", wait=f"{100 * meters['wait'] / elapsed:.0f}%")
         bar.update(1)
         if save_fn is not None and save_every and (it + 1) % save_every == 0 and it + 1 < num_iters:
-            save_fn(it + 1)
+            save_fn(it + 1, snapshot())
         tick = time.perf_counter()
     bar.close()
-    elapsed = time.perf_counter() - start
+    elapsed = snapshot()["seconds"]
     clips_seen = max(meters["clips"], 1)
+    top1 = {"top1": 100 * meters["top1"] / meters["top1_clips"]} if meters["top1_clips"] else {}
     return {
         "loss": meters["loss"] / clips_seen,
-        "top1": 100 * meters["top1"] / clips_seen,
+        **top1,
         "lr": lr_at(epoch + 1 - 1e-9),
         "clips_per_s": meters["clips"] / max(elapsed, 1e-9),
         "data_wait": meters["wait"] / max(elapsed, 1e-9),
@@ -163,6 +192,38 @@ def train_one_epoch(
         "iters": meters["iters"],
         "shapes": shapes,
     }
+
+
+def _agree(loss: torch.Tensor, should_stop: Callable[[], bool] | None) -> tuple[float, bool]:
+    """(the loss summed over ranks, whether any rank asked to stop), in one all-reduce before the update.
+
+    Every rank must stop together, or the others hang in the next all-reduce: the loss check and a stop request
+    (Ctrl-C on any rank, `should_stop`) travel together. CPU-GPU sync point.
+    """
+    stop = float(should_stop is not None and should_stop())
+    check = torch.stack([loss.detach().float(), torch.tensor(stop, device=loss.device)])
+    if get_world_size() > 1:
+        dist.all_reduce(check)
+    total_loss, stops = check.tolist()
+    return total_loss, stops > 0
+
+
+def _update(model: nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler | None, clip_grad: float | None) -> None:
+    """Backward and one optimizer step (through the fp16 loss scaler when there is one), gradients clipped if asked."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if clip_grad:
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -182,6 +243,9 @@ def predict_videos(
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score every video from its views: returns (scores (V, K), targets (V, ...), views seen per video (V,)).
+
+    Each view's logits go through `activation` ("softmax", "sigmoid" or "none": the logits themselves) and are then
+    averaged (`reduce` "mean") or maxed ("max", -inf for a video without views) over the video's views.
 
     `loader` yields (clips, targets, video_index, view_index) and must give each view to exactly one rank (no
     padding), so summing across ranks counts every view once, whatever the number of processes. Views marked with
@@ -204,11 +268,13 @@ def predict_videos(
         clips, video_index = clips[keep], video_index[keep]
         with autocast(device, amp):
             logits = model(to_device(clips, device)).float().cpu()
-        probs = logits.softmax(1) if activation == "softmax" else logits.sigmoid()
+        if activation != "none":
+            logits = logits.softmax(1) if activation == "softmax" else logits.sigmoid()
         if reduce == "max":
-            scores.index_reduce_(0, video_index, probs.double(), "amax")
+            for video, row in zip(video_index.tolist(), logits.double()):  # (index_reduce_ "amax" is a beta API)
+                torch.maximum(scores[video], row, out=scores[video])
         else:
-            scores.index_add_(0, video_index, probs.double())
+            scores.index_add_(0, video_index, logits.double())
         counts.index_add_(0, video_index, torch.ones(len(video_index), dtype=torch.float64))
     if targets_out is None:  # this rank received no views
         targets_out = torch.full((num_videos,), -1, dtype=torch.float64)
@@ -286,3 +352,313 @@ def sync_bn_stats(model: nn.Module) -> None:
         m.running_mean.copy_(mean)
         m.running_var.copy_(second / world - mean.square())
 
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Runs: what the main() of every recipe does around the loops above. These take the recipe's parsed flags (the
+# shared groups of utils.py); the Task says what is particular to the recipe.
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Task:
+    """What a recipe trains for; the engine does everything else the same way for every recipe.
+
+    loss(logits, targets): the training loss of a batch. evaluate(model, dataset, prefix): the metrics of an evaluation
+    under keys `<prefix>_...` ("val" during training, "test" at the end), equal on every rank and independent of their
+    number. metric: the key, without prefix, whose maximum is the best model ("top1", "map"). result_line(stats,
+    prefix): the line that reports an evaluation. lr_scale(evaluations): a factor on the schedule's LR computed from
+    the validation results so far (the plateau policy), or None.
+    """
+
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    evaluate: Callable[[nn.Module, Any, str], dict]
+    metric: str
+    result_line: Callable[[dict, str], str]
+    lr_scale: Callable[[list[dict]], float] | None = None
+
+
+def plateau_scale(losses: Sequence[float], patience: int = 2, factor: float = 0.1, threshold: float = 1e-4) -> float:
+    """The LR factor that PyTorch's ReduceLROnPlateau (mode min, relative threshold, no cooldown) has reached after
+    these validation losses: ×factor whenever more than `patience` evaluations in a row bring no loss below the best
+    × (1 - threshold). A pure function of the losses, which checkpoints keep, so a resumed run recomputes it."""
+    best, bad, scale = math.inf, 0, 1.0
+    for loss in losses:
+        if loss < best * (1 - threshold):
+            best, bad = loss, 0
+        else:
+            bad += 1
+        if bad > patience:
+            scale, bad = scale * factor, 0
+    return scale
+
+
+def start(args: argparse.Namespace, run_dir: Path) -> tuple[torch.device, utils.RunLogger]:
+    """Join the processes, say where training runs, move the folder's files aside for --restart, seed everything."""
+    device = utils.init_distributed(args.device)
+    torch.backends.cudnn.benchmark = True  # shapes repeat within each long-cycle stage
+    if is_main_process():
+        print(utils.describe_device(device))
+    if args.restart:  # rank 0 moves the files before any rank looks for a checkpoint
+        if is_main_process():
+            moved = utils.start_over(run_dir)
+            print(f"--restart: the previous run's files are moved to {moved}" if moved else
+                  f"--restart: {run_dir} holds no previous run")
+        if get_world_size() > 1:
+            dist.barrier()
+    log = utils.RunLogger(run_dir, tensorboard=args.tensorboard)
+    utils.seed_everything(args.seed)
+    return device, log
+
+
+def starting_point(args: argparse.Namespace, run_dir: Path) -> tuple[dict | None, Path | None]:
+    """(checkpoint, its file): with --eval the weights to evaluate (any supported format, converted); else the run's
+    own checkpoint to resume (--resume or the folder's latest), refused if trained with other run-shaping flags;
+    else (None, None), from scratch."""
+    if args.eval:
+        path = Path(args.resume or run_dir / "checkpoint.pt")
+        state, notes = convert_checkpoint(path)
+        if is_main_process():
+            print(notes[0])
+        return state, path
+    found = utils.load_run_checkpoint(run_dir, args.resume)
+    if found is None:
+        return None, None
+    if isinstance(found[0].get("args"), dict):
+        utils.check_same_run(args, found[0]["args"], found[1])
+    return found
+
+
+def resolve_input(args: argparse.Namespace, state: dict | None, recipe_input: dict | None = None) -> dict:
+    """The clip input: the variant's default, then the recipe's (`recipe_input`), then the one the checkpoint was
+    trained on, then the flags given."""
+    cfg = (state or {}).get("model_cfg") or {}
+    spec = {**default_input(cfg.get("name", args.model)), **(recipe_input or {})}
+    if (state or {}).get("converted_from", {}).get("format", "project") == "project":  # external files record none
+        spec.update({key: cfg[key] for key in spec if key in cfg})
+    return utils.input_spec(args, spec)
+
+
+def make_model(args: argparse.Namespace, spec: dict, num_classes: int, head: str, state: dict | None,
+               device: torch.device) -> nn.Module:
+    """The recipe's X3D on `device` in channels_last_3d: the checkpoint's variant (else --model), `num_classes`
+    outputs, the `head` the task needs ("clip" or "frame"), recording the input `spec` it trains on. --eval loads the
+    checkpoint's weights; --finetune (when not resuming) all but a classifier of another size, saying what it left
+    out. A resumed run's weights are restored by `fit`, with the optimizer."""
+    cfg = state.get("model_cfg") if state else None
+    if cfg and cfg.get("num_classes", num_classes) != num_classes:
+        raise utils.UserError(f"the checkpoint has {cfg['num_classes']} classes but {args.data_root} has "
+                              f"{num_classes}; use --finetune to start from weights of another class count")
+    model = build_model(cfg["name"] if cfg else args.model, num_classes=num_classes, dropout=args.dropout, head=head)
+    model.cfg = dataclasses.replace(model.cfg, **spec)  # checkpoints record the input actually trained on
+    if args.eval:
+        model.load_state_dict(state["model"])  # the clip and per-frame heads have the same weights
+    elif args.finetune and state is None:
+        report = load_finetune(model, load_weights(args.finetune)[0], args.finetune)
+        if is_main_process():
+            print(finetune_summary(report))
+    return to_channels_last(model.to(device))
+
+
+def build_schedule(args: argparse.Namespace, spec: dict, world_size: int, default_lr: float) -> MultigridSchedule:
+    """The multigrid (or fixed-shape) schedule: shapes, batch sizes, BN splits and LR per fractional epoch. The plateau
+    policy is a constant LR here, which its Task.lr_scale divides during training."""
+    policy, steps = ("steps", []) if args.lr_policy == "plateau" else (args.lr_policy, args.steps)
+    return MultigridSchedule(
+        epochs=args.epochs, base_batch=args.batch_size, base_frames=spec["frames"], base_crop=spec["train_crop"],
+        base_rate=spec["sampling_rate"], lr=args.lr if args.lr is not None else default_lr, lr_policy=policy,
+        warmup_epochs=args.warmup_epochs, steps=steps, long_cycle=args.multigrid in ("both", "long"),
+        short_cycle=args.multigrid in ("both", "short"), epoch_factor=args.epoch_factor, world_size=world_size,
+        min_frames=args.min_frames)
+
+
+def finished_run(state: dict | None, schedule: MultigridSchedule, run_dir: Path, task: Task,
+                 test: bool) -> dict | None:
+    """The stored test result of a run whose training is over, if its test was run or `test` is not wanted ({}),
+    after saying so; None while training or the test is left to do."""
+    if state is None or int(state.get("epoch", 0)) < schedule.num_epochs:
+        return None
+    path = run_dir / "log.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    tested = [r for r in records if f"test_{task.metric}" in r]
+    stored = tested[-1] if tested else None if test else {}
+    if stored is not None and is_main_process():  # trained and tested: say so instead of appending another test
+        print(f"{run_dir}: this run is finished ({schedule.num_epochs} epochs)"
+              + (f"; its {task.result_line(stored, 'test')}" if stored else "")
+              + ". Pass --eval to evaluate it again, or --restart to train it again.")
+    return stored
+
+
+def check_iterations(schedule: MultigridSchedule, num_samples: int, world: int, batch_size: int) -> list[str]:
+    """Refuse a schedule where a shape would take no step per epoch; warnings for shapes with very few steps.
+
+    Incomplete batches are dropped (BN splits need exact sizes), so a shape whose first, largest short-cycle batch
+    exceeds the videos per process would train nothing at all and the run would end at chance.
+    """
+    per_rank = math.ceil(num_samples / world)
+    iters = {s: schedule.iterations(s.start, num_samples, world) for s in schedule.stages}
+    need = max(s.short_cycle[0][1] for s in schedule.stages)  # an epoch's first batch: the short cycle's largest
+    if min(iters.values()) == 0:
+        fits = batch_size * per_rank // need  # every batch scales with --batch-size
+        fix = (f"use --batch-size {fits} or less" if fits >= 1 else
+               "use --multigrid none, more training videos or fewer processes")
+        raise utils.UserError(
+            f"{num_samples} training videos are {per_rank} per process ({world} process{'es' if world > 1 else ''}), "
+            f"fewer than the largest batch of the schedule, {need} clips (--batch-size {batch_size} × "
+            f"{need // batch_size} at the coarsest multigrid shape, short cycle included): epochs at that shape would "
+            f"take no training step (incomplete batches are dropped). To fix it, {fix}.")
+    few = sorted({(s.frames, s.crop, n) for s, n in iters.items() if n < FEW_ITERATIONS})
+    return [f"warning: only {n} training step{'s' if n > 1 else ''} per epoch at shape {t}x{c} (fewer than "
+            f"{FEW_ITERATIONS}); a smaller --batch-size or more data gives more" for t, c, n in few]
+
+
+def check_failures(dataset: Any, device: torch.device) -> int:
+    """Videos that failed to decode on any rank; every rank stops together past --max-failure-fraction."""
+    return dataset.failures.check(utils.any_rank(dataset.failures.failed, device))
+
+
+def describe_data(**datasets: Any) -> None:
+    """One line per dataset at the start of a run: videos, classes and the listed videos missing on disk."""
+    if is_main_process():
+        for name, dataset in datasets.items():
+            print(f"{name} set: {dataset.summary()}")
+
+
+def eval_loader(dataset: Any, args: argparse.Namespace, batch_size: int | None = None) -> DataLoader:
+    """Each view goes to exactly one rank (no padding), so results do not depend on the number of processes."""
+    sampler = range(utils.get_rank(), len(dataset), get_world_size())
+    return DataLoader(dataset, batch_size=batch_size or max(1, args.batch_size), sampler=sampler,
+                      num_workers=args.workers, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=utils.ignore_sigint)
+
+
+def train_loader(dataset: Any, schedule: MultigridSchedule, epoch: int, args: argparse.Namespace, start_iter: int = 0,
+                 short_cycle: bool = True, end_epoch: int | None = None) -> DataLoader:
+    """Batches from `epoch` (after `start_iter`) to `end_epoch`; the batch sampler picks shapes per iteration.
+
+    One loader for all remaining epochs keeps its workers, which prefetch the next epoch's first batches while the
+    current epoch ends, evaluates and saves: with a small data set and multigrid's large batches an epoch is only a
+    few iterations long, and a fresh loader per epoch would make the loop wait for its first batch every time.
+    """
+    sampler = ShortCycleBatchSampler(len(dataset), schedule, epoch=epoch, rank=utils.get_rank(),
+                                     world_size=get_world_size(), seed=args.seed, start_iter=start_iter,
+                                     short_cycle=short_cycle, end_epoch=end_epoch)
+    # A private generator keeps loader start-up from consuming the global RNG (dropout draws are seeded per step).
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator().manual_seed(args.seed + epoch), worker_init_fn=utils.ignore_sigint)
+
+
+def restore(state: dict | None, model: nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler | None) -> tuple[int, int, dict | None, list[dict]]:
+    """Load a run checkpoint's training state: (epoch, iteration within it, that epoch's partial sums, the
+    evaluations so far); (0, 0, None, []) without one."""
+    if state is None:
+        return 0, 0, None, []
+    model.load_state_dict(state["model"])
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return (int(state.get("epoch", 0)), int(state.get("iteration", 0)), state.get("epoch_meters"),
+            list(state.get("evaluations", [])))
+
+
+def fit(model: nn.Module, task: Task, schedule: MultigridSchedule, train_set: Any, val_set: Any,
+        args: argparse.Namespace, device: torch.device, run_dir: Path, log: utils.RunLogger,
+        resume: tuple[dict | None, Path | None], extras: dict) -> dict:
+    """Train `model` to the end of `schedule` from `resume` (the run's checkpoint and its file; (None, None): from the
+    start); returns the last epoch's stats.
+
+    Evaluates on `val_set` every --eval-every epochs and after the last, saves after every epoch and every
+    --save-every iterations (with `extras`, e.g. the class names), logs and prints one line per epoch; Ctrl-C saves
+    and raises TrainingStopped.
+    """
+    rank0, world = is_main_process(), get_world_size()
+    warnings = check_iterations(schedule, len(train_set), world, args.batch_size)
+    # Sub-batch BN keeps per-rank statistics (synchronised before evaluation), so buffers are not synchronised in
+    # forward; at the start they are the same on every rank anyway (same initialisation or checkpoint).
+    net = DistributedDataParallel(model, forward_sync_buffers=False) if world > 1 else model
+    optimizer = build_optimizer(model, lr=0.0, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and args.amp == "fp16" else None
+    state, source = resume
+    epoch0, iter0, meters, evaluations = restore(state, model, optimizer, scaler)
+    metric = f"val_{task.metric}"
+
+    if rank0:
+        if state is not None:
+            print(f"Resumed from {source}: " + (f"epoch {epoch0 + 1}/{schedule.num_epochs}, iteration {iter0}"
+                                                if epoch0 < schedule.num_epochs else "training is over"))
+        describe_data(train=train_set, val=val_set)
+        utils.write_json(vars(args), run_dir / "args.json")
+        lr_curve = [(e / 20, schedule.lr_at(e / 20)) for e in range(20 * schedule.num_epochs + 1)]
+        utils.write_json({"stages": [dataclasses.asdict(s) for s in schedule.stages], "lr": lr_curve},
+                         run_dir / "schedule.json")
+        print(schedule.table(len(train_set), world))
+        for warning in warnings:
+            print(warning, file=sys.stderr)
+
+    def save(epoch: int, iteration: int, epoch_meters: dict | None = None) -> None:
+        if rank0:
+            utils.save_run_checkpoint({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler else None, "epoch": epoch, "iteration": iteration,
+                "epoch_meters": epoch_meters, "evaluations": evaluations,
+                "best_metric": max((e[metric] for e in evaluations if metric in e), default=0.0),
+                "args": vars(args), "model_cfg": dataclasses.asdict(model.cfg), **extras}, run_dir)
+
+    stats: dict = {}
+    loader = train_loader(train_set, schedule, epoch0, args, start_iter=iter0, end_epoch=schedule.num_epochs)
+    batches = iter(loader)
+    stop = utils.StopRequest()  # Ctrl-C: finish the step, save, print how to resume (the loop's handler)
+    for epoch in stop.during(range(epoch0, schedule.num_epochs)):
+        shape = schedule.shape_at(epoch)
+        set_bn_splits(model, shape.bn_splits, shape.bn_sync)
+        num_iters = loader.batch_sampler.batches_in(epoch)
+        scale = task.lr_scale(evaluations) if task.lr_scale else 1.0
+        train_stats = train_one_epoch(
+            net, itertools.islice(batches, num_iters - iter0), optimizer, task.loss, epoch=epoch, num_iters=num_iters,
+            num_epochs=schedule.num_epochs, lr_at=lambda e, s=scale: s * schedule.lr_at(e), device=device,
+            seed=args.seed, start_iter=iter0, meters=meters, amp=args.amp, scaler=scaler, clip_grad=args.clip_grad,
+            save_fn=lambda it, m, e=epoch: save(e, it, m), save_every=args.save_every,
+            progress=not args.no_progress, should_stop=stop)
+        iter0, meters = 0, None
+        stats = {f"train_{k}": v for k, v in train_stats.items()}
+        stats.update(shape=f"{shape.frames}x{shape.crop}", batch=shape.batch_size, bn_splits=shape.bn_splits,
+                     failed_samples=check_failures(train_set, device))
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == schedule.num_epochs:
+            stats.update(validate(model, task, train_set, val_set, schedule, epoch, args, device))
+            evaluations.append({k: v for k, v in stats.items() if k.startswith("val_") and isinstance(v, int | float)})
+        save(epoch + 1, 0)
+        log.log(stats, epoch + 1)
+        if rank0:
+            print(f"epoch {epoch + 1}/{schedule.num_epochs}  " + "  ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()
+                if not isinstance(v, dict)))
+    return stats
+
+
+def validate(model: nn.Module, task: Task, train_set: Any, val_set: Any, schedule: MultigridSchedule, epoch: int,
+             args: argparse.Namespace, device: torch.device) -> dict:
+    """Precise BN at the base shape, then the task's evaluation on the validation set.
+
+    The validation clips have the base shape whatever the long cycle trains at, so the BN statistics are taken on
+    training batches of that shape (the last epoch's): statistics of 2-frame clips make an 8-frame clip look
+    out of distribution and cost tens of points in the middle of a long cycle.
+    """
+    out = {}
+    if args.precise_bn_batches > 0:
+        final = schedule.num_epochs - 1
+        loader = train_loader(train_set, schedule, final, args, short_cycle=False)
+        set_bn_splits(model, schedule.shape_at(final).bn_splits, schedule.shape_at(final).bn_sync)
+        out["precise_bn_batches"] = precise_bn(model, loader, args.precise_bn_batches, device, amp=args.amp)
+        set_bn_splits(model, schedule.shape_at(epoch).bn_splits, schedule.shape_at(epoch).bn_sync)
+    out.update(task.evaluate(model, val_set, "val"))
+    return out
+
+
+def test(model: nn.Module, task: Task, dataset: Any, log: utils.RunLogger | None = None, epoch: int = 0) -> dict:
+    """The final (or --eval) evaluation: logged at `epoch` when there is a log, and its result line printed."""
+    stats = task.evaluate(model, dataset, "test")
+    if log is not None:
+        log.log(stats, epoch)
+    if is_main_process():
+        print(task.result_line(stats, "test"))
+    return stats

@@ -1,6 +1,7 @@
-"""Shared plumbing for the recipes: checkpoint files, distributed set-up, seeding, logging.
+"""Shared plumbing for the recipes: checkpoint files, distributed set-up, seeding, logging, the shared flags.
 
-Modules never read `args`; the recipes pass explicit values in.
+Only the recipes' wiring reads `args` (the launch, the flag groups and their checks here, the run in engine.py);
+the other functions take explicit values.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import signal
 import sys
 import threading
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -190,7 +191,10 @@ def launch(args: argparse.Namespace, main: Callable[[argparse.Namespace], object
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
     nproc = len(args.gpu.split(",")) if args.gpu else args.nproc
     if nproc <= 1 or "RANK" in os.environ:
-        sys.exit(run_cli(lambda a: (check_device(a.gpu, a.device), main(a)), args))
+        code = run_cli(lambda a: (check_device(a.gpu, a.device), main(a)), args)
+        if dist.is_initialized():  # join the backend's threads: exiting while they run can abort the process
+            dist.destroy_process_group()
+        sys.exit(code)
     code = run_cli(lambda a: check_device(a.gpu, a.device), args)
     if code:
         sys.exit(code)
@@ -244,7 +248,8 @@ def init_distributed(device: str = "auto") -> torch.device:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if use_cuda:
             torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+            # NCCL for CUDA tensors, gloo for the CPU ones (evaluation gathers its scores on the CPU).
+            dist.init_process_group("cpu:gloo,cuda:nccl", device_id=torch.device("cuda", local_rank))
         else:
             dist.init_process_group("gloo")
     if use_cuda:
@@ -333,7 +338,7 @@ def write_json(obj: object, path: str | os.PathLike) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Command-line flags shared by the three recipes
+# Command-line flags shared by the three recipes, and their checks
 # ----------------------------------------------------------------------------------------------------------------------
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags every recipe has: devices, run folder, checkpoints, precision, loader workers, seed."""
@@ -369,6 +374,171 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--tensorboard", action="store_true", help="Also write TensorBoard scalars to <run>/tb.")
     g.add_argument("--no-progress", action="store_true", help="Disable the progress bar (e.g. for log files).")
     return parser
+
+
+def add_input_args(parser: argparse.ArgumentParser, models: Sequence[str],
+                   rate_unit: str = "frames of a 30-fps video") -> argparse.ArgumentParser:
+    """Flags of the model and its clip input; a flag left out keeps the variant's (or the recipe's) default."""
+    parser.add_argument("--model", default="x3d_m", choices=models, help="X3D variant (default: %(default)s).")
+    g = parser.add_argument_group("input (defaults: the variant's own, see x3d.py, unless the recipe says otherwise)")
+    g.add_argument("--frames", type=int, help="Frames per clip at the base (full) multigrid shape.")
+    g.add_argument("--sampling-rate", type=int, help=f"Frame stride at the base shape, in {rate_unit}.")
+    g.add_argument("--crop", type=int, help="Training crop at the base shape.")
+    g.add_argument("--jitter", type=int, nargs=2, metavar=("MIN", "MAX"), help="Short-side scale jitter range.")
+    g.add_argument("--test-crop", type=int, help="Crop of the test views (short side resized to it).")
+    g.add_argument("--flip-prob", type=float, default=0.5,
+                   help="Probability of a horizontal flip in training; 0 where left and right differ (the demo).")
+    g.add_argument("--backend", default="auto", choices=["auto", "pyav", "torchcodec"], help="Video decoder.")
+    return parser
+
+
+def add_optimisation_args(parser: argparse.ArgumentParser, lr_rule: str,
+                          lr_policies: Sequence[str] = ("cosine", "steps")) -> argparse.ArgumentParser:
+    """Flags of the schedule and the optimiser; `lr_rule` says how the default LR follows the batch."""
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=16,
+                   help="Clips per device at the base shape (default: %(default)s); multigrid multiplies it at "
+                        "coarser shapes.")
+    g.add_argument("--epochs", type=int, default=300,
+                   help="Epochs of the fixed-shape recipe (default: %(default)s). Multigrid derives its schedule "
+                        "from it, stretching it by --epoch-factor as the paper does.")
+    g.add_argument("--lr", type=float, default=None,
+                   help=f"Learning rate at the base shape. Default: {lr_rule}, scaled linearly with the global batch.")
+    g.add_argument("--lr-policy", default=lr_policies[0], choices=lr_policies,
+                   help="cosine: half a cosine to 0 over the run; steps: ×0.1 at each of --steps"
+                        + ("; plateau: ×0.1 when the validation loss has not improved for more than --patience "
+                           "evaluations"
+                           if "plateau" in lr_policies else "") + " (default: %(default)s).")
+    g.add_argument("--steps", type=int, nargs="*", default=None, help="Epochs where a step schedule decays ×0.1.")
+    if "plateau" in lr_policies:
+        g.add_argument("--patience", type=int, default=2,
+                       help="Evaluations in a row without a lower validation loss that the plateau policy "
+                            "tolerates; the next one divides the LR by 10 (PyTorch's ReduceLROnPlateau; default: "
+                            "%(default)s).")
+    g.add_argument("--warmup-epochs", type=float, default=35.0,
+                   help="Linear warm-up length in epochs (default: %(default)s).")
+    g.add_argument("--weight-decay", type=float, default=5e-5,
+                   help="On conv/linear weights only (default: %(default)s).")
+    g.add_argument("--dropout", type=float, default=0.5, help="Dropout before the classifier (default: %(default)s).")
+    g.add_argument("--clip-grad", type=float, default=None, help="Clip the gradient norm to this value.")
+    g.add_argument("--multigrid", default="both", choices=["both", "long", "short", "none"],
+                   help="Which multigrid cycles to use; `none` is the plain fixed-shape recipe (default: %(default)s).")
+    g.add_argument("--epoch-factor", type=float, default=1.5,
+                   help="Multigrid stretches the epoch count by this factor (the paper's 1.5).")
+    g.add_argument("--min-frames", type=int, default=2,
+                   help="Fewest frames of a long-cycle shape (default: %(default)s; a 1-frame clip shows no motion, "
+                        "and X3D-XS's T0/4 is 1 frame). 1 is the paper's rule.")
+    return parser
+
+
+def add_evaluation_args(parser: argparse.ArgumentParser, temporal_views: bool = True) -> argparse.ArgumentParser:
+    """Flags of the evaluations during training and of the final test (`temporal_views`: the test has --test-views)."""
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--eval", action="store_true",
+                   help="Only evaluate (the final test's protocol) the weights of --resume or of the run folder, in "
+                        "any supported format, and exit.")
+    g.add_argument("--eval-every", type=int, default=10,
+                   help="Epochs between evaluations on the validation set during training (default: %(default)s).")
+    g.add_argument("--precise-bn-batches", type=int, default=200,
+                   help="Training batches used to recompute BN statistics before each evaluation (0: off; default: "
+                        "%(default)s).")
+    if temporal_views:
+        g.add_argument("--val-views", type=int, default=1,
+                       help="Temporal clips per video (one crop each) in the evaluations during training (default: "
+                            "%(default)s).")
+        g.add_argument("--test-views", type=int, default=10,
+                       help="Temporal clips per video in the final test (0: no test; default: %(default)s).")
+    g.add_argument("--test-crops", type=int, default=3, choices=[1, 3],
+                   help="Spatial crops per clip in the final test (default: %(default)s).")
+    g.add_argument("--max-failure-fraction", type=float, default=0.1,
+                   help="Stop if more than this fraction of videos fails to decode (each failure is skipped).")
+    return parser
+
+
+# Flags that shape a run: resuming a run folder with other values would mix two trainings, so it is refused.
+RUN_FLAGS = ("model", "frames", "sampling_rate", "crop", "jitter", "test_crop", "flip_prob", "batch_size", "epochs",
+             "lr", "lr_policy", "steps", "patience", "warmup_epochs", "weight_decay", "dropout", "clip_grad",
+             "multigrid", "epoch_factor", "min_frames", "seed")
+PLATEAU_FLAGS = ("eval_every", "val_views", "precise_bn_batches")  # the evaluations set a plateau policy's LR
+INPUT_FLAGS = (("frames", "frames"), ("sampling_rate", "sampling_rate"), ("train_crop", "crop"),
+               ("train_jitter", "jitter"), ("test_crop", "test_crop"))  # (input field, flag)
+
+
+def input_spec(args: argparse.Namespace, defaults: dict) -> dict:
+    """The clip input (frames, sampling_rate, train_crop, train_jitter, test_crop): `defaults` (the variant's, the
+    recipe's or the checkpoint's), overridden by each input flag given."""
+    spec = {**defaults, "train_jitter": tuple(defaults["train_jitter"])}
+    for key, flag in INPUT_FLAGS:
+        if getattr(args, flag) is not None:
+            spec[key] = tuple(getattr(args, flag)) if key == "train_jitter" else getattr(args, flag)
+    return spec
+
+
+def check_args(args: argparse.Namespace, spec: dict, extra: Iterable[tuple[bool, str]] = ()) -> None:
+    """Every combination of the shared flags that cannot work, named by its flags, before any data is indexed or
+    model built; `extra`: the recipe's own (condition, message) pairs."""
+    steps = args.steps or []
+    need = [
+        (Path(args.data_root).is_dir(), f"--data-root {args.data_root} does not exist or is not a folder"),
+        (args.epochs >= 1, f"--epochs must be at least 1, got {args.epochs}"),
+        (args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}"),
+        (0 <= args.warmup_epochs < args.epochs,
+         f"--warmup-epochs {args.warmup_epochs:g} must be in [0, --epochs {args.epochs}) (give a shorter warm-up "
+         f"for a shorter run)"),
+        (args.lr is None or args.lr > 0, f"--lr must be positive, got {args.lr}"),
+        (args.lr_policy != "steps" or bool(args.steps), "--lr-policy steps needs --steps (epochs where the LR decays)"),
+        (all(a < b for a, b in zip([-1, *steps], steps)) and all(s < args.epochs for s in steps),
+         f"--steps {steps} must increase and stay below --epochs {args.epochs}"),
+        (args.lr_policy != "steps" or args.multigrid in ("short", "none") or any(steps),
+         "--lr-policy steps with the long cycle (--multigrid both/long) needs a --steps epoch after 0"),
+        (args.lr_policy != "plateau" or args.multigrid in ("short", "none"),
+         "--lr-policy plateau decides its decays during training, but the long cycle (--multigrid both/long) lays "
+         "its LR stages out in advance: use --multigrid short or none, or --lr-policy cosine"),
+        (getattr(args, "patience", 0) >= 0, "--patience must be at least 0"),
+        (args.epoch_factor > 0, f"--epoch-factor must be positive, got {args.epoch_factor}"),
+        (args.min_frames >= 1, f"--min-frames must be at least 1, got {args.min_frames}"),
+        (min(spec["frames"], spec["sampling_rate"]) >= 1, "--frames and --sampling-rate must be at least 1"),
+        (spec["train_crop"] >= 4 and spec["test_crop"] >= 1, "--crop must be at least 4 and --test-crop at least 1"),
+        (spec["train_crop"] <= spec["train_jitter"][0] <= spec["train_jitter"][1],
+         f"--jitter {list(spec['train_jitter'])} must be MIN <= MAX with MIN at least --crop {spec['train_crop']}"),
+        (0 <= args.flip_prob <= 1 and 0 <= args.dropout < 1, "--flip-prob must be in [0, 1] and --dropout in [0, 1)"),
+        (args.clip_grad is None or args.clip_grad > 0, f"--clip-grad must be positive, got {args.clip_grad}"),
+        (0 <= args.max_failure_fraction <= 1, f"--max-failure-fraction must be in [0, 1], got "
+                                                f"{args.max_failure_fraction}"),
+        (args.eval_every >= 1 and getattr(args, "val_views", 1) >= 1,
+         "--eval-every and --val-views must be at least 1"),
+        (getattr(args, "test_views", 0) >= 0 and args.precise_bn_batches >= 0,
+         "--test-views and --precise-bn-batches must be at least 0"),
+        (args.save_every >= 0 and args.workers >= 0 and args.nproc >= 1,
+         "--save-every and --workers must be at least 0, --nproc at least 1"),
+        (not (args.restart and (args.eval or args.resume)), "--restart starts the run folder over: it cannot be "
+                                                             "combined with --eval or --resume"),
+        (args.gpu is None or all(d.strip().isdigit() for d in args.gpu.split(",")),
+         f"-gpu takes comma-separated device numbers like 0,1,2,3, got {args.gpu!r}"),
+        *extra,
+    ]
+    for ok, message in need:
+        if not ok:
+            raise UserError(message)
+    check_device(args.gpu, args.device)
+
+
+def check_same_run(args: argparse.Namespace, saved: dict, source: Path) -> None:
+    """Refuse to resume a checkpoint trained with other run-shaping flags (RUN_FLAGS, and PLATEAU_FLAGS under the
+    plateau policy), naming every difference."""
+    def plain(value):
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    def shown(value):
+        return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+    changed = [f"--{k.replace('_', '-')} {shown(getattr(args, k))} (the run has {shown(saved[k])})"
+               for k in RUN_FLAGS + (PLATEAU_FLAGS if getattr(args, "lr_policy", "") == "plateau" else ())
+               if k in saved and hasattr(args, k) and plain(saved[k]) != plain(getattr(args, k))]
+    if changed:
+        raise UserError(
+            f"{source} was trained with other settings: {'; '.join(changed)}. Give the run's own flags to resume it "
+            f"(they are in its args.json), pass --restart to start the folder over, or choose another --output-dir.")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

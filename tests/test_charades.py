@@ -22,8 +22,7 @@ from charades import (
     localization_map,
     mean_average_precision,
 )
-from kinetics_multigrid import AnnotationError
-from multigrid import ClipSpec
+from video_dataset import AnnotationError, ClipSpec
 
 REAL_JSON = Path("/work/shared/data/charades.json")
 if not REAL_JSON.is_file():  # the repository's own copy, when the shared one is not mounted

@@ -154,7 +154,7 @@ def test_non_finite_loss_stops_with_the_iteration():
         model[1].weight.fill_(float("nan"))
     loader = [(torch.randn(2, *CLIP), torch.zeros(2, dtype=torch.long))] * 3
     opt = engine.build_optimizer(model, lr=0.1, weight_decay=0.0)
-    with pytest.raises(engine.NonFiniteLossError, match="epoch 2, iteration 5"):
+    with pytest.raises(engine.NonFiniteLossError, match="epoch 3, iteration 5"):  # epochs count from 1 in messages
         engine.train_one_epoch(model, loader, opt, F.cross_entropy, epoch=2, num_iters=8, lr_at=lambda e: 0.1,
                                device=torch.device("cpu"), seed=0, start_iter=5, progress=False)
 
@@ -166,3 +166,15 @@ def test_optimizer_excludes_bn_and_bias_from_weight_decay():
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
     bn_params = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm3d) for p in m.parameters()}
     assert bn_params <= {id(p) for p in no_decay["params"]}
+
+
+@pytest.mark.parametrize("patience", [0, 2])
+def test_plateau_scale_follows_torch_reduce_lr_on_plateau(patience):
+    losses = [1.0, 0.9, 0.95, 0.9, 0.91, 0.8999, 0.7, 0.7, 0.71, 0.72, 0.73, 0.69, 0.7, 0.7, 0.7, 0.7]
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    # eps=0: torch's eps only stops a decay smaller than 1e-8 in absolute terms (this sequence reaches an LR of 1e-9)
+    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=patience, eps=0)
+    for n, loss in enumerate(losses, start=1):
+        reference.step(loss)
+        assert engine.plateau_scale(losses[:n], patience) == pytest.approx(optimizer.param_groups[0]["lr"]), n
+    assert engine.plateau_scale(losses, patience) < 1  # the sequence does reach a plateau

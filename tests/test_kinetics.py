@@ -15,17 +15,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from kinetics_multigrid import (
-    AnnotationError,
-    KineticsDataset,
-    MissingDataError,
-    TooManyFailuresError,
-    Video,
-    build_kinetics,
-    find_annotations,
-    jitter_for_crop,
-)
-from multigrid import ClipSpec
+from kinetics_multigrid import KineticsDataset, Video, build_kinetics, find_annotations
+from video_dataset import AnnotationError, ClipSpec, MissingDataError, TooManyFailuresError, jitter_for_crop
 from video_io import probe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -113,6 +104,8 @@ def test_official_csv_layout(official_root: Path, caplog):
                                                    "ccccccccccc_000007_000017.mp4"]
     warnings = [r.getMessage() for r in caplog.records if "missing on disk" in r.getMessage()]
     assert len(warnings) == 1 and "1 of 4" in warnings[0] and "missing0000_000001_000011" in warnings[0]
+    assert train.summary().startswith("3 videos, 2 classes, 1 listed but missing on disk (e.g. ")  # printed at start
+    assert train.summary().endswith("missing0000_000001_000011)")
     val = build_kinetics(official_root, "validate", mode="test", num_temporal_views=2, num_spatial_crops=1)
     assert val.classes == train.classes and val.labels == [1] and len(val) == 2
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import engine
 import predict
 import train_x3d_kinetics_multigrid as recipe
 import utils
@@ -25,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # A tiny X3D-XS input so that a whole multigrid schedule runs in seconds on a CPU.
 TINY = ["--model", "x3d_xs", "--frames", "4", "--sampling-rate", "2", "--crop", "32", "--jitter", "36", "44",
         "--test-crop", "36", "--batch-size", "1", "--epochs", "2", "--warmup-epochs", "0.5", "--lr", "0.05",
-        "--workers", "0", "--precise-bn-batches", "2", "--eval-every", "1", "--test-views", "2", "--no-progress"]
+        "--workers", "0", "--precise-bn-batches", "2", "--eval-every", "1", "--test-views", "2", "--no-progress",
+        "--min-frames", "1"]  # the paper's rule: every one of the four long-cycle shapes differs
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +97,8 @@ def test_rerunning_with_other_flags_is_refused(trained, data):
                                         r"x3d_xs\); --epochs 3 \(the run has 2\); --warmup-epochs 1\.0 \(the run has "
                                         r"0\.5\)\..*--restart.*--output-dir"):
         recipe.main(parse(*flags(data, trained, "--model", "x3d_s", "--epochs", "3", "--warmup-epochs", "1")))
-    recipe.check_same_run(parse(*flags(data, trained, "--workers", "3", "--eval-every", "7")),
-                          load_checkpoint_file(trained / "checkpoint.pt")["args"], trained)  # not run-shaping
+    utils.check_same_run(parse(*flags(data, trained, "--workers", "3", "--eval-every", "7")),
+                         load_checkpoint_file(trained / "checkpoint.pt")["args"], trained)  # not run-shaping
     assert (trained / "args.json").read_text() == before
 
 
@@ -107,13 +109,13 @@ def test_a_batch_larger_than_the_data_is_refused_at_start(data, tmp_path):
         recipe.main(parse(*flags(data, tmp_path / "run", "--batch-size", "8")))
     assert not (tmp_path / "run" / "args.json").exists()
     args = parse(*flags(data, tmp_path / "run"))
-    schedule = recipe.build_schedule(args, recipe.resolve_input(args), 1)
-    assert recipe.check_iterations(schedule, 16, 1, 1)[0].startswith(
+    schedule = engine.build_schedule(args, engine.resolve_input(args, None), 1, default_lr=0.1)
+    assert engine.check_iterations(schedule, 16, 1, 1)[0].startswith(
         "warning: only 1 training step per epoch at shape 1x23 (fewer than 10)")
-    assert recipe.check_iterations(schedule, 200, 1, 1) == []
+    assert engine.check_iterations(schedule, 200, 1, 1) == []
     with pytest.raises(UserError, match=r"16 training videos are 8 per process \(2 processes\).*To fix it, use "
                                         r"--multigrid none, more training videos or fewer processes"):
-        recipe.check_iterations(schedule, 16, 2, 1)
+        engine.check_iterations(schedule, 16, 2, 1)
 
 
 def test_flag_combinations_are_checked_before_any_data(tmp_path):
@@ -179,7 +181,7 @@ def test_sigkill_mid_epoch_then_rerun_ends_with_identical_weights(trained, data,
 
     result = run_script(args)
     assert result.returncode == 0, result.stderr
-    assert f"epoch {killed_at['epoch']}, iteration {killed_at['iteration']}" in result.stdout
+    assert f"epoch {killed_at['epoch'] + 1}/5, iteration {killed_at['iteration']}" in result.stdout  # 1-based
     resumed, uninterrupted = (load_checkpoint_file(p / "checkpoint.pt")["model"] for p in (run, trained))
     assert resumed.keys() == uninterrupted.keys()
     for key in resumed:
@@ -227,7 +229,7 @@ def test_ctrl_c_saves_at_once_and_the_printed_command_resumes(trained, data, tmp
     header = next(line.split() for line in out.splitlines() if line.lstrip().startswith("stage"))
     assert header[8] == "iters"  # the printed schedule shows the iterations per epoch of every stage
     saved = load_checkpoint_file(run / "checkpoint.pt")
-    assert f"Ctrl-C: stopped at epoch {saved['epoch']}, iteration {saved['iteration']} and saved a checkpoint" in err
+    assert f"Ctrl-C: stopped at epoch {saved['epoch'] + 1}/5, iteration {saved['iteration']} and saved" in err
     assert "Traceback" not in err and (run / "previous_1" / "checkpoint.pt").exists()
     command = shlex.split(err.split("Resume with the same command:\n")[1].splitlines()[0])
     assert command[0] == "python" and Path(command[1]) == ROOT / "train_x3d_kinetics_multigrid.py"
@@ -235,7 +237,7 @@ def test_ctrl_c_saves_at_once_and_the_printed_command_resumes(trained, data, tmp
 
     result = run_script(command[2:])
     assert result.returncode == 0, result.stderr
-    assert f"epoch {saved['epoch']}, iteration {saved['iteration']}" in result.stdout
+    assert f"epoch {saved['epoch'] + 1}/5, iteration {saved['iteration']}" in result.stdout
     resumed, uninterrupted = (load_checkpoint_file(p / "checkpoint.pt")["model"] for p in (run, trained))
     for key in resumed:
         assert torch.equal(resumed[key], uninterrupted[key]), key

@@ -45,7 +45,7 @@ def read_log(path: Path) -> list[dict]:
 
 # (key, colour, line style) per panel; top-5 dashed in the colour of its top-1.
 _PANELS = {
-    "loss": [("train_loss", "C0", "-")],
+    "loss": [("train_loss", "C0", "-"), ("val_loss", "C1", "-")],
     "accuracy (%)": [("train_top1", "C0", "-"), ("val_top1", "C1", "-"), ("val_top5", "C1", "--"),
                      ("test_top1", "C2", "-"), ("test_top5", "C2", "--"), ("val_map", "C3", "-"),
                      ("test_map", "C4", "-")],
