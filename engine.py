@@ -391,6 +391,16 @@ def plateau_scale(losses: Sequence[float], patience: int = 2, factor: float = 0.
     return scale
 
 
+def plateau_policy(args: argparse.Namespace) -> Callable[[list[dict]], float] | None:
+    """Task.lr_scale for --lr-policy plateau (None for the other policies), announced once on rank 0."""
+    if args.lr_policy != "plateau":
+        return None
+    if is_main_process() and not args.eval:
+        print(f"LR policy plateau: the schedule's LR, divided by 10 whenever {args.patience + 1} evaluations in a row "
+              "bring no lower val_loss")
+    return lambda evaluations: plateau_scale([e["val_loss"] for e in evaluations], args.patience)
+
+
 def start(args: argparse.Namespace, run_dir: Path) -> tuple[torch.device, utils.RunLogger]:
     """Join the processes, say where training runs, move the folder's files aside for --restart, seed everything."""
     device = utils.init_distributed(args.device)

@@ -138,12 +138,8 @@ def result_line(stats: dict, prefix: str) -> str:
 
 def make_task(args: argparse.Namespace, device) -> engine.Task:
     """Per-frame and time-max BCE, per-frame mAP; the plateau policy reads the validation losses."""
-    def plateau(evaluations: list[dict]) -> float:
-        return engine.plateau_scale([e["val_loss"] for e in evaluations], args.patience)
-
     return engine.Task(loss=localization_loss, metric="map", result_line=result_line,
-                       evaluate=lambda m, d, p: evaluate(m, d, args, device, p),
-                       lr_scale=plateau if args.lr_policy == "plateau" else None)
+                       evaluate=lambda m, d, p: evaluate(m, d, args, device, p), lr_scale=engine.plateau_policy(args))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -171,9 +167,6 @@ def main(args: argparse.Namespace) -> dict:
     # ---- fine-tuning, the localization protocol on the centre crop between epochs ----
     train_set, val_set = build_dataset(args, spec, "train"), build_dataset(args, spec, "test")
     model = engine.make_model(args, spec, val_set.num_classes, "frame", state, device)
-    if args.lr_policy == "plateau" and utils.is_main_process():
-        print(f"LR policy plateau: the schedule's LR, divided by 10 whenever {args.patience + 1} evaluations in a row "
-              "bring no lower val_loss")
     stats = engine.fit(model, task, schedule, train_set, val_set, args, device, run_dir, log, (state, source),
                        extras={"classes": list(val_set.classes)})
 
