@@ -3,6 +3,8 @@
     python train_x3d_kinetics_multigrid.py -gpu 0,1,2,3 --data-root /data/kinetics400 --model x3d_m
     torchrun --nnodes 2 --nproc-per-node 8 ... train_x3d_kinetics_multigrid.py --data-root ... --model x3d_m
     python train_x3d_kinetics_multigrid.py --eval --resume logs/x3d_m_kinetics/checkpoint.pt --data-root ...
+    python train_x3d_kinetics_multigrid.py --eval --resume logs/demo/checkpoint.pt --data-root data/demo/kinetics
+        (the last one once `make demo` has run: the demo's model on the demo's validation videos)
 
 Multigrid (Wu et al., CVPR 2020) trains on a schedule of clip shapes that keeps batch × frames × height × width about
 constant: coarse shapes with big batches early in each long cycle, the full shape at its end, and a per-iteration
@@ -78,7 +80,7 @@ def evaluate(model, dataset: KineticsDataset, args, device, prefix: str) -> dict
 
 
 def result_line(stats: dict, prefix: str) -> str:
-    """`test: video top-1 71.23  top-5 89.01  mean class top-1 70.99  (19796 videos × 30 views)`."""
+    """`test: video top-1 T1  top-5 T5  mean class top-1 MC  (VIDEOS videos × VIEWS views)`."""
     mean_class = stats.get(f"{prefix}_mean_class_top1")
     return (f"{prefix}: video top-1 {stats[f'{prefix}_top1']:.2f}  top-5 {stats[f'{prefix}_top5']:.2f}  "
             + (f"mean class top-1 {mean_class:.2f}  " if mean_class is not None else "")

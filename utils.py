@@ -369,7 +369,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"],
                    help="Autocast precision on CUDA (bf16 needs no loss scaling). Ignored on the CPU, where measured "
                         "bf16 autocast was slower than fp32.")
-    g.add_argument("--workers", type=int, default=8, help="Data-loading processes per training process.")
+    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="Data-loading processes per training process (default: 8, or the number of cores if fewer).")
     g.add_argument("--seed", type=int, default=0, help="Seed for sampling, augmentation and initialisation.")
     g.add_argument("--tensorboard", action="store_true", help="Also write TensorBoard scalars to <run>/tb.")
     g.add_argument("--no-progress", action="store_true", help="Disable the progress bar (e.g. for log files).")
