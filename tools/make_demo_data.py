@@ -233,6 +233,7 @@ class VideoJob:
     shake: int  # camera jitter in pixels, independent per frame
     jpeg: bool = False
     scene: KindClass | None = None  # the Kinetics-regime set: actors of this class, placed by place_kind_sprites
+    keyframe_interval: int = KEYFRAME_INTERVAL
 
 
 class Sprite:
@@ -411,13 +412,14 @@ def render_frames(job: VideoJob) -> Iterator[np.ndarray]:
 
 
 def write_mp4(path: str, frames: Iterable[np.ndarray], job: VideoJob) -> None:
-    """Encode frames to H.264 (yuv420p) at job.fps with a keyframe every KEYFRAME_INTERVAL frames."""
+    """Encode frames to H.264 (yuv420p) at job.fps with a keyframe every job.keyframe_interval frames."""
     with av.open(path, "w") as container:
         stream = container.add_stream("libx264", rate=job.fps)
         stream.width, stream.height, stream.pix_fmt = job.width, job.height, "yuv420p"
         # one thread: the worker pool already keeps every core busy
+        keyint = job.keyframe_interval
         stream.options = {"crf": "23", "preset": "superfast", "threads": "1",
-                          "x264-params": f"keyint={KEYFRAME_INTERVAL}:min-keyint={KEYFRAME_INTERVAL}:scenecut=0"}
+                          "x264-params": f"keyint={keyint}:min-keyint={keyint}:scenecut=0"}
         for i, array in enumerate(frames):
             # converted here on one thread: the encoder's own conversion splits frames over threads, and its output
             # was measured to vary from run to run under CPU load, which breaks "same seed, same decoded frames"
@@ -478,7 +480,8 @@ def plan_kinetics(args: argparse.Namespace, root: Path) -> tuple[list[str], dict
                 # frame (X3D-XS went from chance to 39 % in 320 iterations where 3-6 larger objects gave 20 %)
                 actors = (Actor(motion),) * int(rng.integers(8, 15)) if scene is None else ()
                 jobs.append(VideoJob(str(path), (args.seed, 0, split_code, len(jobs)), args.seconds * KINETICS_FPS,
-                                     KINETICS_FPS, width, height, actors, args.shake, scene=scene))
+                                     KINETICS_FPS, width, height, actors, args.shake, scene=scene,
+                                     keyframe_interval=args.keyframe_interval))
                 rows[split].append({"label": label, "youtube_id": yid, "time_start": start, "time_end": end,
                                     "split": split})
     for split_rows in rows.values():
@@ -651,6 +654,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-per-class", type=int, default=200, help="Training videos per class.")
     g.add_argument("--val-per-class", type=int, default=50, help="Validation videos per class.")
     g.add_argument("--seconds", type=int, default=3, help="Length of each video in whole seconds (at 30 fps).")
+    g.add_argument("--keyframe-interval", type=int, default=KEYFRAME_INTERVAL,
+                   help="Frames from one keyframe to the next (default: %(default)s, tools/prepare_kinetics.py's). A "
+                        "clip decodes from the keyframe before each frame it needs.")
     g = p.add_argument_group("Charades-style set")
     g.add_argument("--charades-classes", type=int, default=10,
                    help="Action classes (a colour and a motion each), up to 96.")
@@ -674,9 +680,9 @@ def check_args(args: argparse.Namespace) -> None:
     lo, hi = args.charades_seconds
     if not 2.0 <= lo <= hi:
         raise ValueError(f"--charades-seconds needs 2 <= MIN <= MAX, got {lo} {hi}")
-    for flag in ("size", "seconds", "workers"):
+    for flag in ("size", "seconds", "workers", "keyframe_interval"):
         if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be positive, got {getattr(args, flag)}")
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     for flag in ("train_per_class", "val_per_class", "charades_videos", "charades_test_videos", "shake"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must not be negative, got {getattr(args, flag)}")
