@@ -266,6 +266,19 @@ def mean_average_precision(scores: torch.Tensor | np.ndarray, targets: torch.Ten
     return 100.0 * float(np.mean([average_precision(scores[:, c], positives[:, c]) for c in classes]))
 
 
+def chance_map(targets: torch.Tensor | np.ndarray) -> float:
+    """The mAP (percent) of constant scores: the mean, over the classes with a positive, of their positive rate.
+
+    targets (N, K) 0/1 rows (videos, or the (video, frame) rows of the localization protocol). Any model that ranks
+    no better than chance scores this on average; it is the baseline a result is read against.
+    """
+    positives = _numpy(targets) >= 0.5
+    classes = positives.any(0)
+    if not classes.any():
+        raise ValueError("no class has a positive target: mAP is undefined")
+    return 100.0 * float(positives.mean(0)[classes].mean())
+
+
 def localization_frame_indices(num_frames: int, num_points: int = LOCALIZATION_POINTS) -> list[int]:
     """Indices of `num_points` equally spaced frames of a sequence: frame j·num_frames // num_points (time j·L/P)."""
     if num_frames < 1:

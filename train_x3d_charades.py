@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import charades
 import engine
 import utils
-from charades import CharadesDataset, mean_average_precision
+from charades import CharadesDataset, chance_map, mean_average_precision
 from x3d import MODELS
 
 RECIPE_INPUT = {"frames": 16, "sampling_rate": 10}  # the original's 160-frame window of the 24-fps frames
@@ -77,15 +77,16 @@ def evaluate(model, dataset: CharadesDataset, args, device, prefix: str) -> dict
     engine.check_failures(dataset, device)  # all ranks' failures together: the limit must not depend on their number
     scored = counts > 0  # a video none of whose views decoded keeps -inf logits: it counts in the mAP, ranked last
     views = dataset.views_per_video
-    return {f"{prefix}_map": mean_average_precision(logits, targets),
+    return {f"{prefix}_map": mean_average_precision(logits, targets), f"{prefix}_chance_map": chance_map(targets),
             f"{prefix}_loss": F.binary_cross_entropy_with_logits(logits[scored], targets[scored].float()).item(),
             f"{prefix}_videos": dataset.num_videos, f"{prefix}_views": views,
             f"{prefix}_failed_videos": int((counts < views).sum())}
 
 
 def result_line(stats: dict, prefix: str) -> str:
-    """`test: mAP 35.01  loss 0.1234  (1863 videos × 10 views)`."""
-    return (f"{prefix}: mAP {stats[f'{prefix}_map']:.2f}  loss {stats[f'{prefix}_loss']:.4f}  "
+    """`test: mAP M (chance C)  loss L  (VIDEOS videos × VIEWS views)`."""
+    return (f"{prefix}: mAP {stats[f'{prefix}_map']:.2f} (chance {stats[f'{prefix}_chance_map']:.2f})  "
+            f"loss {stats[f'{prefix}_loss']:.4f}  "
             f"({stats[f'{prefix}_videos']} videos × {stats[f'{prefix}_views']} views)")
 
 

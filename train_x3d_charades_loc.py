@@ -122,16 +122,18 @@ def evaluate(model, dataset: CharadesDataset, args, device, prefix: str) -> dict
         dist.all_reduce(sums)
     engine.check_failures(dataset, device)  # all ranks' failures together: the limit must not depend on their number
     targets = torch.stack([charades.localization_targets(v, dataset.num_classes) for v in dataset.videos])
-    return {f"{prefix}_map": localization_map(scores, targets),
+    rows = targets.permute(0, 2, 1).reshape(-1, dataset.num_classes)  # the (video, frame) rows the protocol scores
+    return {f"{prefix}_map": localization_map(scores, targets), f"{prefix}_chance_map": charades.chance_map(rows),
             f"{prefix}_loss": (sums[0] / sums[1].clamp(min=1)).item(), f"{prefix}_videos": dataset.num_videos,
             f"{prefix}_views": dataset.views_per_video,
             f"{prefix}_failed_videos": int((views < dataset.views_per_video).sum())}
 
 
 def result_line(stats: dict, prefix: str) -> str:
-    """`test: per-frame mAP 17.71  loss 0.1234  (1863 videos, 25 frames each, 1 crop)`."""
+    """`test: per-frame mAP M (chance C)  loss L  (VIDEOS videos, 25 frames each, 1 crop)`."""
     crops = stats[f"{prefix}_views"]
-    return (f"{prefix}: per-frame mAP {stats[f'{prefix}_map']:.2f}  loss {stats[f'{prefix}_loss']:.4f}  "
+    return (f"{prefix}: per-frame mAP {stats[f'{prefix}_map']:.2f} (chance {stats[f'{prefix}_chance_map']:.2f})  "
+            f"loss {stats[f'{prefix}_loss']:.4f}  "
             f"({stats[f'{prefix}_videos']} videos, {LOCALIZATION_POINTS} frames each, "
             f"{crops} crop{'s' if crops > 1 else ''})")
 

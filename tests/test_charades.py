@@ -15,6 +15,7 @@ from charades import (
     CharadesDataset,
     CharadesVideo,
     average_precision,
+    chance_map,
     clip_labels,
     frame_labels,
     load_charades_annotations,
@@ -234,3 +235,14 @@ def test_localization_map_uses_25_frames_per_video():
     expected = sklearn_map(batch_logits.permute(0, 2, 1).reshape(-1, 6).numpy(),
                            batch_targets.permute(0, 2, 1).reshape(-1, 6).numpy())
     assert localization_map(batch_logits, batch_targets) == pytest.approx(expected, abs=1e-9)  # (N, K, T) input
+
+
+def test_chance_map_is_the_map_of_constant_scores():
+    rng = np.random.default_rng(0)
+    targets = (rng.random((50, 7)) < [0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.0]).astype(np.float32)
+    targets[0, 0] = 1  # every class but the last has a positive
+    want = mean_average_precision(np.zeros(targets.shape), targets)  # all tied: AP = positive rate
+    assert chance_map(targets) == pytest.approx(want)
+    assert chance_map(targets) == pytest.approx(100 * targets[:, :6].mean(0).mean())
+    with pytest.raises(ValueError, match="no class has a positive"):
+        chance_map(np.zeros((3, 2)))
