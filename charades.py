@@ -40,6 +40,7 @@ from video_io import VideoInfo
 NUM_CLASSES = 157
 CHARADES_FPS = 24.0  # the official RGB frame dumps
 MEAN, STD = (0.413, 0.368, 0.338), (0.131, 0.125, 0.132)  # Charades' own RGB statistics (the original repository's)
+ORIGINAL_INPUT = {"frames": 16, "sampling_rate": 10}  # the original recipe's 160-frame window of the 24-fps frames
 LOCALIZATION_POINTS = 25  # frames scored per test video in the official localization evaluation
 _SUBSETS = {"train": "train", "training": "train", "test": "test", "testing": "test", "val": "test",
             "validate": "test", "validation": "test"}
@@ -168,6 +169,14 @@ def _locate(root: Path, ids: Sequence[str]) -> dict[str, str]:
             if vid not in found and vid + suffix in names:
                 found[vid] = str(folder / (vid + suffix))
     return found
+
+
+def dataset_options(spec: dict, backend: str, max_failure_fraction: float) -> dict:
+    """The CharadesDataset options of both recipes for a resolved input `spec` (frames, rate, crops, jitter): the
+    clip shape, the decoder, Charades' mean and std, and sampling rates counted in its 24-fps frames."""
+    return dict(frames=spec["frames"], sampling_rate=spec["sampling_rate"], train_crop=spec["train_crop"],
+                train_jitter=spec["train_jitter"], test_crop=spec["test_crop"], backend=backend,
+                max_failure_fraction=max_failure_fraction, mean=MEAN, std=STD, rate_fps=CHARADES_FPS)
 
 
 class CharadesDataset(VideoClipDataset):

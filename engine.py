@@ -159,7 +159,7 @@ def train_one_epoch(
 
         n = clips.shape[0]
         meters["loss"] += loss.item() * n
-        # on a GPU the step may still run here; its time then falls on the next iteration of the same shape mostly
+        # on a GPU the update may still be running here: its time then counts towards the next iteration's shape
         key = f"{n}x{clips.shape[2]}x{clips.shape[3]}"  # batch x frames x crop
         shape = shapes.setdefault(key, {"seconds": 0.0, "iters": 0, "wait": 0.0})
         shape["seconds"] += time.perf_counter() - tick

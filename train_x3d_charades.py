@@ -28,8 +28,6 @@ import utils
 from charades import CharadesDataset, chance_map, mean_average_precision
 from x3d import MODELS
 
-RECIPE_INPUT = {"frames": 16, "sampling_rate": 10}  # the original's 160-frame window of the 24-fps frames
-
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Command-line flags of the Charades classification recipe."""
@@ -51,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Every flag combination that cannot work, named by its flags, before any data is indexed or model built."""
-    utils.check_args(args, engine.resolve_input(args, None, RECIPE_INPUT))
+    utils.check_args(args, engine.resolve_input(args, None, charades.ORIGINAL_INPUT))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -59,10 +57,7 @@ def check_args(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 def build_dataset(args: argparse.Namespace, spec: dict, split: str, views: int = 1, crops: int = 1) -> CharadesDataset:
     """The training set (split "train") or a `views` × `crops`-view evaluation set (split "test")."""
-    common = dict(task="class", frames=spec["frames"], sampling_rate=spec["sampling_rate"],
-                  train_crop=spec["train_crop"], train_jitter=spec["train_jitter"], test_crop=spec["test_crop"],
-                  backend=args.backend, max_failure_fraction=args.max_failure_fraction, mean=charades.MEAN,
-                  std=charades.STD, rate_fps=charades.CHARADES_FPS)
+    common = dict(task="class", **charades.dataset_options(spec, args.backend, args.max_failure_fraction))
     if split == "train":
         return CharadesDataset(args.data_root, split="train", mode="train", flip_prob=args.flip_prob, **common)
     return CharadesDataset(args.data_root, split="test", mode="test", num_temporal_views=views,
@@ -104,7 +99,7 @@ def main(args: argparse.Namespace) -> dict:
     run_dir = Path(args.output_dir or f"logs/{args.model}_charades")
     device, log = engine.start(args, run_dir)
     state, source = engine.starting_point(args, run_dir)
-    spec = engine.resolve_input(args, state, RECIPE_INPUT)
+    spec = engine.resolve_input(args, state, charades.ORIGINAL_INPUT)
     task = make_task(args, device)
     test_views = args.test_views * args.test_crops
 

@@ -31,8 +31,6 @@ import utils
 from charades import LOCALIZATION_POINTS, CharadesDataset, localization_frame_indices, localization_map
 from x3d import MODELS
 
-RECIPE_INPUT = {"frames": 16, "sampling_rate": 10}  # the original's 160-frame window of the 24-fps frames
-
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Command-line flags of the Charades localization recipe."""
@@ -53,7 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Every flag combination that cannot work, named by its flags, before any data is indexed or model built."""
-    utils.check_args(args, engine.resolve_input(args, None, RECIPE_INPUT))
+    utils.check_args(args, engine.resolve_input(args, None, charades.ORIGINAL_INPUT))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -61,10 +59,7 @@ def check_args(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 def build_dataset(args: argparse.Namespace, spec: dict, split: str, crops: int = 1) -> CharadesDataset:
     """The training set of per-frame targets (split "train"), or whole test videos in `crops` crops (split "test")."""
-    common = dict(task="loc", frames=spec["frames"], sampling_rate=spec["sampling_rate"],
-                  train_crop=spec["train_crop"], train_jitter=spec["train_jitter"], test_crop=spec["test_crop"],
-                  backend=args.backend, max_failure_fraction=args.max_failure_fraction, mean=charades.MEAN,
-                  std=charades.STD, rate_fps=charades.CHARADES_FPS)
+    common = dict(task="loc", **charades.dataset_options(spec, args.backend, args.max_failure_fraction))
     if split == "train":
         return CharadesDataset(args.data_root, split="train", mode="train", flip_prob=args.flip_prob, **common)
     return CharadesDataset(args.data_root, split="test", mode="test", num_spatial_crops=crops, **common)
@@ -152,7 +147,7 @@ def main(args: argparse.Namespace) -> dict:
     run_dir = Path(args.output_dir or f"logs/{args.model}_charades_loc")
     device, log = engine.start(args, run_dir)
     state, source = engine.starting_point(args, run_dir)
-    spec = engine.resolve_input(args, state, RECIPE_INPUT)
+    spec = engine.resolve_input(args, state, charades.ORIGINAL_INPUT)
     task = make_task(args, device)
 
     if args.eval:  # ---- only the localization test of the given weights ----
