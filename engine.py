@@ -537,7 +537,7 @@ def eval_loader(dataset: Any, args: argparse.Namespace, batch_size: int | None =
     sampler = range(utils.get_rank(), len(dataset), get_world_size())
     return DataLoader(dataset, batch_size=batch_size or max(1, args.batch_size), sampler=sampler,
                       num_workers=args.workers, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=utils.ignore_sigint)
+                      worker_init_fn=utils.init_loader_worker)
 
 
 def train_loader(dataset: Any, schedule: MultigridSchedule, epoch: int, args: argparse.Namespace, start_iter: int = 0,
@@ -553,7 +553,7 @@ def train_loader(dataset: Any, schedule: MultigridSchedule, epoch: int, args: ar
                                      short_cycle=short_cycle, end_epoch=end_epoch)
     # A private generator keeps loader start-up from consuming the global RNG (dropout draws are seeded per step).
     return DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator().manual_seed(args.seed + epoch), worker_init_fn=utils.ignore_sigint)
+                      generator=torch.Generator().manual_seed(args.seed + epoch), worker_init_fn=utils.init_loader_worker)
 
 
 def restore(state: dict | None, model: nn.Module, optimizer: torch.optim.Optimizer,
