@@ -1,20 +1,32 @@
-"""Depthwise 3D convolution for X3D, with a CPU training backward of its own.
+"""Depthwise 3D convolution for X3D, with a second CPU training backward chosen per layer and input shape.
 
 `DepthwiseConv3d` has exactly the parameters of `nn.Conv3d(channels, channels, k, groups=channels, bias=False)`, so
-checkpoints do not know it exists. Its forward is the ordinary convolution; only CPU training takes the backward below
-(CUDA, and inference anywhere, run ATen's convolution). Whether that backward pays depends on the CPU: it was measured
-faster than oneDNN's depthwise backward on an AMD EPYC with AVX2 and slower on an Intel Xeon with AVX-512
-(benchmarks/README.md). `X3D_DEPTHWISE_BACKWARD=aten` in the environment turns it off.
+checkpoints do not know it exists. Its forward is the ordinary convolution. CPU training has two backwards to choose
+from: ATen's (oneDNN's depthwise backward) and the one below. Which is faster depends on the CPU and on the shape: on
+one CPU the one below was 5-20x faster, on another 1.5x slower at one input and 3x faster at another
+(benchmarks/README.md). So the first training step of each layer at each input shape times both on that shape and
+keeps the faster; `choices()` is that table, and the training scripts store it in their checkpoints so that a resumed
+run computes its gradients the same way as the run it continues (the two backwards round differently).
+`X3D_DEPTHWISE_BACKWARD=own` or `=aten` in the environment takes one everywhere instead (`auto`, the default, times
+them): two runs with the same seed then give the same weights. CUDA, and inference anywhere, run ATen's convolution.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+BACKWARDS = ("own", "aten")
+MODES = ("auto", *BACKWARDS)
+TIMING_ROUNDS = 3  # per backward, after one warm-up round; the fastest round counts
+
+_choices: dict[str, str] = {}  # layer-and-input key -> "own" or "aten"
 
 
 class _DepthwiseConv3dFunction(torch.autograd.Function):
@@ -70,6 +82,65 @@ class DepthwiseConv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-                and os.environ.get("X3D_DEPTHWISE_BACKWARD", "own") != "aten"):
+                and backward_for(self, x) == "own"):
             return _DepthwiseConv3dFunction.apply(x, self.weight, self.stride, self.padding)
         return super().forward(x)
+
+
+def mode() -> str:
+    """X3D_DEPTHWISE_BACKWARD: `auto` (default: the faster per layer and shape), `own` or `aten`."""
+    value = os.environ.get("X3D_DEPTHWISE_BACKWARD", "auto")
+    if value not in MODES:
+        raise ValueError(f"X3D_DEPTHWISE_BACKWARD must be one of {', '.join(MODES)}, got {value!r}")
+    return value
+
+
+def backward_for(layer: DepthwiseConv3d, x: torch.Tensor) -> str:
+    """The backward `layer` trains with on input `x`: the environment's, else the table's, else timed now."""
+    chosen = mode()
+    if chosen != "auto":
+        return chosen
+    layout = "cl" if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous() else "c"
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    key = (f"c{layer.in_channels} k{'x'.join(map(str, layer.kernel_size))} s{'x'.join(map(str, layer.stride))} "
+           f"p{'x'.join(map(str, layer.padding))} in{'x'.join(map(str, x.shape))} {layout} {str(dtype)[6:]}")
+    if key not in _choices:
+        _choices[key] = fastest_backward(layer, x)
+    return _choices[key]
+
+
+def fastest_backward(layer: DepthwiseConv3d, x: torch.Tensor) -> str:
+    """Time both backwards (forward included, the same in both) of `layer` on random data shaped as `x`."""
+    generator = torch.Generator().manual_seed(0)  # not the global generator: a run's random stream stays the same
+    layout = torch.channels_last_3d if not x.is_contiguous() else torch.contiguous_format
+    with torch.enable_grad():  # under the caller's autocast state, which both paths follow
+        data = torch.randn(x.shape, generator=generator).to(x.dtype).contiguous(memory_format=layout).requires_grad_()
+        weight = layer.weight.detach().clone().requires_grad_()
+        out = F.conv3d(data.detach(), weight.detach(), None, layer.stride, layer.padding, 1, layer.in_channels)
+        grad = torch.randn(out.shape, generator=generator).to(out.dtype).contiguous(memory_format=layout)
+        run = {"own": lambda: _DepthwiseConv3dFunction.apply(data, weight, layer.stride, layer.padding),
+               "aten": lambda: F.conv3d(data, weight, None, layer.stride, layer.padding, 1, layer.in_channels)}
+        best = dict.fromkeys(BACKWARDS, math.inf)
+        for round_ in range(TIMING_ROUNDS + 1):
+            for name in BACKWARDS:
+                start = time.perf_counter()
+                run[name]().backward(grad)
+                if round_ > 0:
+                    best[name] = min(best[name], time.perf_counter() - start)
+                data.grad = weight.grad = None
+    return min(BACKWARDS, key=best.__getitem__)
+
+
+def choices() -> dict[str, str]:
+    """The backward chosen so far for each layer and input (key: channels, kernel, stride, padding, input shape,
+    layout, dtype), for a checkpoint."""
+    return dict(_choices)
+
+
+def load_choices(table: dict[str, str] | None) -> None:
+    """Take a checkpoint's choices (they win over timing: a resumed run computes as the run it continues)."""
+    for key, value in (table or {}).items():
+        if value not in BACKWARDS:
+            raise ValueError(f"depthwise backward choice for {key!r} must be one of {', '.join(BACKWARDS)}, "
+                             f"got {value!r}")
+        _choices[key] = value

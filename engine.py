@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import depthwise_conv
 import utils
 from checkpoints import convert_checkpoint, finetune_summary, load_finetune, load_weights
 from multigrid import MultigridSchedule, ShortCycleBatchSampler
@@ -563,6 +564,7 @@ def restore(state: dict | None, model: nn.Module, optimizer: torch.optim.Optimiz
     if state is None:
         return 0, 0, None, []
     model.load_state_dict(state["model"])
+    depthwise_conv.load_choices(state.get("depthwise_backward"))  # compute the gradients as the run did
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
@@ -612,7 +614,8 @@ def fit(model: nn.Module, task: Task, schedule: MultigridSchedule, train_set: An
                 "scaler": scaler.state_dict() if scaler else None, "epoch": epoch, "iteration": iteration,
                 "epoch_meters": epoch_meters, "evaluations": evaluations,
                 "best_metric": max((e[metric] for e in evaluations if metric in e), default=0.0),
-                "args": vars(args), "model_cfg": dataclasses.asdict(model.cfg), **extras}, run_dir)
+                "args": vars(args), "model_cfg": dataclasses.asdict(model.cfg),
+                "depthwise_backward": depthwise_conv.choices(), **extras}, run_dir)
 
     stats: dict = {}
     loader = train_loader(train_set, schedule, epoch0, args, start_iter=iter0, end_epoch=schedule.num_epochs)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import depthwise_conv
 import engine
 import predict
 import train_x3d_kinetics_multigrid as recipe
@@ -21,6 +22,7 @@ import utils
 from kinetics_multigrid import build_kinetics
 from tools import make_demo_data, plot_run
 from utils import CheckpointError, UserError, load_checkpoint_file
+from x3d import build_model_from_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny X3D-XS input so that a whole multigrid schedule runs in seconds on a CPU.
@@ -292,3 +294,22 @@ def test_predict_refuses_a_variant_that_does_not_fit(trained, data, capsys):
                                                  "x3d_l"])
     assert utils.run_cli(predict.main, args) == 2
     assert "--model x3d_l does not fit these weights" in capsys.readouterr().err
+
+
+def test_timed_depthwise_backward_choices_are_saved_and_a_resume_takes_them(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("X3D_DEPTHWISE_BACKWARD", "auto")
+    monkeypatch.setattr(depthwise_conv, "_choices", {})
+    run = tmp_path / "auto"
+    args = flags(data, run, "--multigrid", "none", "--epochs", "1", "--test-views", "0", "--precise-bn-batches", "0")
+    recipe.main(parse(*args))
+    table = load_checkpoint_file(run / "checkpoint.pt")["depthwise_backward"]
+    assert table and set(table.values()) <= {"own", "aten"}
+    assert all(key.startswith("c") and " in" in key for key in table)  # one entry per layer and input shape
+
+    flipped = {key: "aten" if v == "own" else "own" for key, v in table.items()}
+    ckpt = load_checkpoint_file(run / "checkpoint.pt")
+    ckpt["depthwise_backward"] = flipped
+    monkeypatch.setattr(depthwise_conv, "_choices", {})
+    model = build_model_from_cfg(ckpt["model_cfg"])
+    engine.restore(ckpt, model, engine.build_optimizer(model, lr=0.0, weight_decay=0.0), None)  # what a resume does
+    assert depthwise_conv.choices() == flipped
