@@ -34,7 +34,7 @@ import utils
 from checkpoints import convert_checkpoint, finetune_summary, load_finetune, load_weights
 from multigrid import MultigridSchedule, ShortCycleBatchSampler
 from utils import Interrupted, get_world_size, is_main_process
-from x3d import build_model, default_input, set_bn_splits, to_channels_last
+from x3d import build_model, default_input, fold_batchnorm, set_bn_splits, to_channels_last
 
 BN_STAT_SUFFIXES = ("running_mean", "running_var")
 FEW_ITERATIONS = 10  # fewer steps than this per epoch at a shape: BN statistics and the LR curve get coarse
@@ -253,6 +253,7 @@ def predict_videos(
     view index -1 (the video failed to decode) are not scored; their video's count stays below the number of views.
     """
     model.eval()
+    model = fold_batchnorm(model)  # an eval-mode copy: BN folded into the convolutions, the same outputs
     scores = torch.zeros(num_videos, num_classes, dtype=torch.float64)
     if reduce == "max":
         scores.fill_(-math.inf)
@@ -267,7 +268,7 @@ def predict_videos(
         if not keep.any():
             continue
         clips, video_index = clips[keep], video_index[keep]
-        with autocast(device, amp):
+        with autocast(device, amp), torch.inference_mode():
             logits = model(to_device(clips, device)).float().cpu()
         if activation != "none":
             logits = logits.softmax(1) if activation == "softmax" else logits.sigmoid()

@@ -29,7 +29,7 @@ import charades
 import engine
 import utils
 from charades import LOCALIZATION_POINTS, CharadesDataset, localization_frame_indices, localization_map
-from x3d import MODELS
+from x3d import MODELS, fold_batchnorm
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -98,6 +98,7 @@ def video_logits(model, video: torch.Tensor, window: int, batch_size: int, devic
 def evaluate(model, dataset: CharadesDataset, args, device, prefix: str) -> dict:
     """Per-frame mAP of the localization protocol, and the loss over whole videos (the plateau policy's signal)."""
     model.eval()
+    model = fold_batchnorm(model)  # an eval-mode copy with BN folded into the convolutions: the same outputs
     scores = torch.full((dataset.num_videos, dataset.num_classes, LOCALIZATION_POINTS), -math.inf,
                         dtype=torch.float64)  # a frame without a prediction scores -inf
     views, sums = torch.zeros(dataset.num_videos, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)

@@ -23,6 +23,7 @@ original X3D-Multigrid repository's): XL is 32/72/136/280 wide and costs 48.4 GF
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -326,6 +327,8 @@ class SqueezeExcitation(nn.Module):
 class Stem(nn.Module):
     """1x3x3 conv with spatial stride 2, then a depthwise 5x1x1 temporal conv, BN, ReLU (no pooling)."""
 
+    conv_bn_pairs = (("conv_t", "bn"),)  # what fold_batchnorm folds
+
     def __init__(self, width: int, norm: Callable[[int], nn.Module]):
         super().__init__()
         self.conv_s = nn.Conv3d(3, width, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1), bias=False)
@@ -338,6 +341,8 @@ class Stem(nn.Module):
 
 class Bottleneck(nn.Module):
     """X3D residual block: 1x1x1 expand -> 3x3x3 depthwise (spatial stride) -> [SE] -> Swish -> 1x1x1 project."""
+
+    conv_bn_pairs = (("conv_a", "bn_a"), ("conv_b", "bn_b"), ("conv_c", "bn_c"), ("shortcut_conv", "shortcut_bn"))
 
     def __init__(self, dim_in: int, dim_out: int, dim_inner: int, stride: int, use_se: bool,
                  norm: Callable[[int], nn.Module]):
@@ -372,6 +377,8 @@ class X3DHead(nn.Module):
 
     The clip head pools globally and returns (N, K); the per-frame head pools only H, W and returns (N, K, T).
     """
+
+    conv_bn_pairs = (("pre_conv", "pre_bn"),)
 
     def __init__(self, dim_in: int, dim_inner: int, num_classes: int, dropout: float, per_frame: bool,
                  norm: Callable[[int], nn.Module]):
@@ -558,6 +565,43 @@ def to_channels_last(model: nn.Module) -> nn.Module:
             if p.dim() == 5 and p.is_contiguous():  # same element order in both layouts
                 p.data = p.data.clone(memory_format=torch.contiguous_format)
     return model
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of `model` for inference, in eval mode, with every BatchNorm folded into the convolution before it.
+
+    In eval mode BN is an affine map per channel, y = (x - mean) / sqrt(var + eps) * gamma + beta, so conv -> BN equals
+    one convolution with weights scaled by gamma / sqrt(var + eps) and a bias: one pass over the activations instead
+    of two. The outputs equal the model's up to float rounding (tests/test_x3d.py). The copy cannot train (its
+    BatchNorms are gone) and keeps the parameters' memory format; the model itself is not changed.
+    """
+    groups = {id(g): g for m in model.modules() if (g := getattr(m, "process_group", None)) is not None}
+    fused = copy.deepcopy(model, memo=groups).eval()  # process groups (synchronised BN) are shared, not copied
+    for block in fused.modules():
+        for conv_name, bn_name in getattr(block, "conv_bn_pairs", ()):
+            conv, bn = getattr(block, conv_name), getattr(block, bn_name)
+            if conv is None:
+                continue
+            setattr(block, conv_name, _fold(conv, bn))
+            setattr(block, bn_name, nn.Identity())
+    return fused
+
+
+@torch.no_grad()
+def _fold(conv: nn.Conv3d, bn: nn.BatchNorm3d) -> nn.Conv3d:
+    """The convolution conv followed by bn (eval mode) as one nn.Conv3d with a bias."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    fused = nn.Conv3d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                      dilation=conv.dilation, groups=conv.groups, bias=True).to(conv.weight.device, conv.weight.dtype)
+    weight = conv.weight * scale.view(-1, 1, 1, 1, 1)
+    fused.weight.data = weight.contiguous(memory_format=_memory_format(conv.weight))
+    fused.bias.data = (bias - bn.running_mean) * scale + bn.bias
+    return fused
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    return torch.contiguous_format if t.is_contiguous() else torch.channels_last_3d
 
 
 def set_bn_splits(model: nn.Module, k: int, sync_devices: int = 1) -> None:

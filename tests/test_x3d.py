@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 
+import depthwise_conv
 from x3d import (
     MODELS,
     DepthwiseConv3d,
@@ -28,6 +29,7 @@ from x3d import (
     build_model,
     build_model_from_cfg,
     default_input,
+    fold_batchnorm,
     set_bn_splits,
     to_channels_last,
 )
@@ -161,6 +163,37 @@ def test_depthwise_backward_can_be_turned_off(monkeypatch):
     assert type(conv(x).grad_fn).__name__ == "_DepthwiseConv3dFunctionBackward"
     monkeypatch.setenv("X3D_DEPTHWISE_BACKWARD", "aten")
     assert type(conv(x).grad_fn).__name__ == "ConvolutionBackward0"
+
+
+def test_depthwise_backward_is_timed_per_layer_and_shape_and_kept(monkeypatch):
+    """`auto` times both backwards at the first training step of each layer and input shape, keeps the faster in the
+    table a checkpoint stores, and a loaded table wins over timing; inference and other shapes are left alone."""
+    monkeypatch.setenv("X3D_DEPTHWISE_BACKWARD", "auto")
+    monkeypatch.setattr(depthwise_conv, "_choices", {})
+    timed = []
+    real = depthwise_conv.fastest_backward
+    monkeypatch.setattr(depthwise_conv, "fastest_backward", lambda layer, x: timed.append(x.shape) or real(layer, x))
+    conv = DepthwiseConv3d(4, 3, padding=1)
+    x = torch.randn(2, 4, 3, 5, 5).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    conv(x).sum().backward()
+    conv(x).sum().backward()
+    with torch.no_grad():
+        conv(x)
+    assert timed == [x.shape]  # timed once, then taken from the table
+    (key, choice), = depthwise_conv.choices().items()
+    assert key == "c4 k3x3x3 s1x1x1 p1x1x1 in2x4x3x5x5 cl float32" and choice in ("own", "aten")
+
+    other = "aten" if choice == "own" else "own"
+    depthwise_conv.load_choices({key: other})  # a resumed run's checkpoint
+    want = {"own": "_DepthwiseConv3dFunctionBackward", "aten": "ConvolutionBackward0"}[other]
+    assert type(conv(x).grad_fn).__name__ == want and timed == [x.shape]
+    conv(x[:1]).sum().backward()  # another batch size: timed afresh
+    assert len(timed) == 2 and len(depthwise_conv.choices()) == 2
+    with pytest.raises(ValueError, match="must be one of own, aten, got 'fast'"):
+        depthwise_conv.load_choices({key: "fast"})
+    monkeypatch.setenv("X3D_DEPTHWISE_BACKWARD", "oneDNN")
+    with pytest.raises(ValueError, match="X3D_DEPTHWISE_BACKWARD must be one of auto, own, aten, got 'oneDNN'"):
+        conv(x)
 
 
 def test_depthwise_conv_under_cpu_autocast():
@@ -383,6 +416,32 @@ def test_channels_last_model_equals_contiguous():
     with torch.no_grad():
         torch.testing.assert_close(cl_model(clips.contiguous(memory_format=torch.channels_last_3d)), model(clips),
                                    rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("head, channels_last", [("clip", True), ("frame", False)])
+def test_folded_batchnorm_equals_the_model(head, channels_last):
+    """fold_batchnorm's copy has no BatchNorm left and gives the eval-mode outputs, trained statistics and all."""
+    torch.manual_seed(0)
+    model = build_model("x3d_xs", num_classes=7, head=head, bn_splits=2)
+    if channels_last:
+        model = to_channels_last(model)
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+    with torch.no_grad():  # non-trivial BN statistics and affine parameters everywhere
+        for _ in range(2):
+            model(torch.randn(4, 3, 4, 64, 64).contiguous(memory_format=layout))
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+    folded = fold_batchnorm(model)
+    assert model.training and not folded.training  # the model is left as it was
+    assert not any(isinstance(m, nn.BatchNorm3d) for m in folded.modules())
+    assert folded.stages[0][0].conv_b.bias is not None and model.stages[0][0].conv_b.bias is None
+    clips = torch.randn(3, 3, 4, 64, 64).contiguous(memory_format=layout)
+    model.eval()
+    with torch.inference_mode():
+        want, got = model(clips), folded(clips)
+    assert got.shape == want.shape == ((3, 7) if head == "clip" else (3, 7, 4))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
