@@ -8,7 +8,8 @@ one CPU the one below was 5-20x faster, on another 1.5x slower at one input and 
 keeps the faster; `choices()` is that table, and the training scripts store it in their checkpoints so that a resumed
 run computes its gradients the same way as the run it continues (the two backwards round differently).
 `X3D_DEPTHWISE_BACKWARD=own` or `=aten` in the environment takes one everywhere instead (`auto`, the default, times
-them): two runs with the same seed then give the same weights. CUDA, and inference anywhere, run ATen's convolution.
+them): two runs with the same seed then give the same weights. CUDA, inference anywhere and graphs compiled with
+torch.compile run ATen's convolution.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class DepthwiseConv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-                and backward_for(self, x) == "own"):
+                and not torch.compiler.is_compiling() and backward_for(self, x) == "own"):
             return _DepthwiseConv3dFunction.apply(x, self.weight, self.stride, self.padding)
         return super().forward(x)
 

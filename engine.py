@@ -555,7 +555,22 @@ def train_loader(dataset: Any, schedule: MultigridSchedule, epoch: int, args: ar
                                      short_cycle=short_cycle, end_epoch=end_epoch)
     # A private generator keeps loader start-up from consuming the global RNG (dropout draws are seeded per step).
     return DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator().manual_seed(args.seed + epoch), worker_init_fn=utils.init_loader_worker)
+                      generator=torch.Generator().manual_seed(args.seed + epoch),
+                      worker_init_fn=utils.init_loader_worker)
+
+
+def compile_for(net: nn.Module, schedule: MultigridSchedule, backend: str) -> nn.Module:
+    """`net` through torch.compile, with room for one graph per batch shape and BN split count of the schedule.
+
+    Multigrid changes the batch, frames and crop from stage to stage and within the short cycle; each combination is
+    compiled once, at its first step, and reused whenever it comes back. Static shapes: dynamic ones would compile a
+    single graph but give up the shape-specific kernels that are the point of compiling. The model itself stays
+    uncompiled (checkpoints, precise BN and evaluation use it).
+    """
+    shapes = {(crop, batch, stage.frames, stage.bn_splits, stage.bn_sync)
+              for stage in schedule.stages for crop, batch in stage.short_cycle}
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(shapes) + 1)
+    return torch.compile(net, backend=backend, dynamic=False)
 
 
 def restore(state: dict | None, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -589,6 +604,8 @@ def fit(model: nn.Module, task: Task, schedule: MultigridSchedule, train_set: An
     # Sub-batch BN keeps per-rank statistics (synchronised before evaluation), so buffers are not synchronised in
     # forward; at the start they are the same on every rank anyway (same initialisation or checkpoint).
     net = DistributedDataParallel(model, forward_sync_buffers=False) if world > 1 else model
+    if args.compile:
+        net = compile_for(net, schedule, args.compile)
     optimizer = build_optimizer(model, lr=0.0, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and args.amp == "fp16" else None
     state, source = resume

@@ -7,6 +7,7 @@ the other functions take explicit values.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -369,6 +370,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"],
                    help="Autocast precision on CUDA (bf16 needs no loss scaling). Ignored on the CPU, where measured "
                         "bf16 autocast was slower than fp32.")
+    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="Train through torch.compile (backend inductor unless named): one graph per batch shape of "
+                        "the schedule, compiled at its first step. Off by default: on a 2-core CPU each shape took "
+                        "70-110 s to compile and trained slower at 2 of 3 shapes (benchmarks/README.md).")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="Data-loading processes per training process (default: 8, or the number of cores if fewer).")
     g.add_argument("--seed", type=int, default=0, help="Seed for sampling, augmentation and initialisation.")
@@ -671,10 +676,8 @@ def init_loader_worker(worker_id: int) -> None:
     process waits for a batch; where cores are free it changes nothing.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+    with contextlib.suppress(OSError):  # where it is not permitted, decode at the default priority
         os.nice(19)
-    except OSError:  # not permitted here: decode at the default priority
-        pass
 
 
 def command_line() -> str:

@@ -313,3 +313,24 @@ def test_timed_depthwise_backward_choices_are_saved_and_a_resume_takes_them(data
     model = build_model_from_cfg(ckpt["model_cfg"])
     engine.restore(ckpt, model, engine.build_optimizer(model, lr=0.0, weight_decay=0.0), None)  # what a resume does
     assert depthwise_conv.choices() == flipped
+
+
+def test_compiled_training_follows_multigrid_shapes_like_eager(data, tmp_path, monkeypatch):
+    """--compile: one graph per batch shape of the schedule, none compiled twice, and the run trains as eager does.
+    (aot_eager traces exactly what inductor compiles, without the minutes of code generation; no dropout, whose random
+    stream differs when compiled, and ATen's depthwise backward, which the compiled graph takes.)"""
+    monkeypatch.setenv("X3D_DEPTHWISE_BACKWARD", "aten")
+    logs = []
+    for name, extra in (("eager", []), ("compiled", ["--compile", "aot_eager"])):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        run = tmp_path / name
+        recipe.main(parse(*flags(data, run, "--dropout", "0", "--test-views", "0", *extra)))
+        logs.append([json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()])
+    shapes = set().union(*(r["train_shapes"] for r in logs[1] if "train_shapes" in r))
+    assert len(shapes) > 4
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert len(shapes) <= graphs <= 2 * len(shapes)  # each shape once (a graph break would double a shape's count)
+    for eager, compiled in zip(*logs):
+        if "train_loss" in eager:
+            assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-3)
