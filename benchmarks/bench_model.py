@@ -2,13 +2,18 @@
 
     python benchmarks/bench_model.py                  # X3D-XS at 4x160 (its training input), the demo's 8x56 and 2x40
     python benchmarks/bench_model.py --seconds 10     # longer timing per row
+    python benchmarks/bench_model.py --model x3d_m --inputs 2x16x224   # X3D-M at its training input
 
 Rows, each at the same input and batch, with the same SGD step:
 - PyTorchVideo 0.1.5 `create_x3d` (the reference), in the default layout and in channels_last_3d;
-- x3d.py in channels_last_3d (what the training scripts use) with ATen's own depthwise backward;
-- x3d.py as it trains, with the depthwise backward of depthwise_conv.DepthwiseConv3d.
+- x3d.py in channels_last_3d (what the training scripts use) with each depthwise backward of depthwise_conv.py
+  forced (`aten`: ATen's; `own`: the project's), and as it trains (`auto`: the faster per layer and shape, timed at
+  the first step, which is a warm-up step here).
 Each row runs in its own process, so its peak resident memory (ru_maxrss) is its own. Printed: training clips/s
-(forward, backward, optimizer step), inference clips/s (no grad, eval mode) and peak memory.
+(forward, backward, optimizer step) and the GFLOP/s they amount to (3x the forward's FLOPs per clip), inference
+clips/s (eval mode, no grad) as the model stands and, for x3d.py, as the evaluation runs it (BatchNorm folded into
+the convolutions, inference mode), and the peak memory. The header gives the CPU, its vector extensions and the
+GFLOP/s of a large fp32 matmul on the same threads: the machine's practical peak.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -26,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -33,25 +41,28 @@ sys.path.insert(0, str(ROOT))
 ROWS = {
     "pytorchvideo": "PyTorchVideo create_x3d",
     "pytorchvideo_cl": "PyTorchVideo create_x3d, channels_last_3d",
-    "ours_aten": "x3d.py, channels_last_3d, ATen depthwise backward",
-    "ours": "x3d.py, channels_last_3d (as trained)",
+    "ours_aten": "x3d.py, ATen depthwise backward",
+    "ours_own": "x3d.py, own depthwise backward",
+    "ours": "x3d.py as trained (faster backward per layer and shape)",
 }
+# PyTorchVideo's create_x3d arguments of each variant (its defaults are X3D-XS's; S is XS's network at 13 frames).
+PTV_VARIANTS = {"x3d_xs": {}, "x3d_s": {}, "x3d_m": {}, "x3d_l": {"depth_factor": 5.0}}
 
 
-def build(row: str, frames: int, crop: int, num_classes: int) -> nn.Module:
-    """The row's X3D-XS, randomly initialised."""
+def build(row: str, name: str, frames: int, crop: int, num_classes: int) -> nn.Module:
+    """The row's X3D variant, randomly initialised."""
     if row.startswith("pytorchvideo"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from pytorchvideo.models.x3d import create_x3d
         model = create_x3d(input_clip_length=frames, input_crop_size=crop, model_num_class=num_classes,
-                           head_activation=None, dropout_rate=0.0)
+                           head_activation=None, dropout_rate=0.0, **PTV_VARIANTS[name])
         return model.to(memory_format=torch.channels_last_3d) if row == "pytorchvideo_cl" else model
     import x3d
 
-    if row == "ours_aten":
-        os.environ["X3D_DEPTHWISE_BACKWARD"] = "aten"  # this process only: ATen's conv3d backward
-    return x3d.build_model("x3d_xs", num_classes=num_classes, dropout=0.0).to(memory_format=torch.channels_last_3d)
+    # This process only: which depthwise backward (depthwise_conv.py); "ours" times both per layer and shape.
+    os.environ["X3D_DEPTHWISE_BACKWARD"] = {"ours_aten": "aten", "ours_own": "own"}.get(row, "auto")
+    return x3d.to_channels_last(x3d.build_model(name, num_classes=num_classes, dropout=0.0))
 
 
 def timed(step, seconds: float) -> float:
@@ -65,10 +76,10 @@ def timed(step, seconds: float) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def measure(row: str, batch: int, frames: int, crop: int, seconds: float) -> dict:
+def measure(row: str, name: str, batch: int, frames: int, crop: int, seconds: float) -> dict:
     """Training and inference clips/s of one row at one input (run in a child process)."""
     torch.manual_seed(0)
-    model = build(row, frames, crop, num_classes=400)
+    model = build(row, name, frames, crop, num_classes=400)
     layout = torch.channels_last_3d if row != "pytorchvideo" else torch.contiguous_format
     clips = torch.randn(batch, 3, frames, crop, crop).contiguous(memory_format=layout)
     labels = torch.randint(0, 400, (batch,))
@@ -85,42 +96,90 @@ def measure(row: str, batch: int, frames: int, crop: int, seconds: float) -> dic
     model.eval()
     with torch.no_grad():
         infer = timed(lambda: model(clips), seconds)
-    return {"train": batch / train, "infer": batch / infer,
-            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out = {"train": batch / train, "infer": batch / infer}
+    if not row.startswith("pytorchvideo"):
+        import x3d
+
+        folded = x3d.fold_batchnorm(model)
+        with torch.inference_mode():
+            out["infer_folded"] = batch / timed(lambda: folded(clips), seconds)
+    return {**out, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def forward_gflops(name: str, frames: int, crop: int) -> float:
+    """GFLOPs (2 per multiply-add) of one clip's forward pass."""
+    import x3d
+
+    model = x3d.build_model(name, num_classes=400).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, frames, crop, crop))
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_gflops(size: int = 2048, seconds: float = 2.0) -> float:
+    """fp32 GFLOP/s of a size x size matmul: the practical peak of this CPU on torch's threads."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return 2 * size**3 / timed(lambda: a @ b, seconds) / 1e9
+
+
+def cpu_name() -> str:
+    """The CPU's model name and its widest vector extensions, from /proc/cpuinfo."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    vector = [f for f in ("avx512f", "avx512_bf16", "amx_tile", "avx2") if f in flags]
+    return f"{model} ({', '.join(vector) or 'no AVX2'}), {os.cpu_count()} cores"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="x3d_xs", choices=sorted(PTV_VARIANTS), help="X3D variant.")
     p.add_argument("--inputs", nargs="+", default=["8x4x160", "8x8x56", "64x2x40"], metavar="BxTxS",
                    help="Batch x frames x crop of each input (default: X3D-XS's training input, the demo's, and the "
                         "demo's coarsest multigrid shape).")
-    p.add_argument("--seconds", type=float, default=5.0, help="Timing length per row and mode.")
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="Which rows to run.")
+    p.add_argument("--seconds", type=float, default=4.0, help="Timing length per row, mode and round.")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="Rounds over the rows (alternating, so that a machine that slows down affects every row "
+                        "alike); each figure is the median over the rounds.")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
-    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)  # row batch frames crop: measure one row, print JSON
+    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)  # row model batch frames crop: one row, print JSON
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        row, b, t, s = args.child[0], *map(int, args.child[1:])
-        print(json.dumps(measure(row, b, t, s, args.seconds)))
+        row, name, b, t, s = args.child[0], args.child[1], *map(int, args.child[2:])
+        print(json.dumps(measure(row, name, b, t, s, args.seconds)))
         return
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}")
-    print("| model | input (batch x T x crop) | train clips/s | inference clips/s | peak memory |")
-    print("|---|---|---:|---:|---:|")
+    print(f"{cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}; fp32 matmul {matmul_gflops():.0f} GFLOP/s")
+    print("| model | input (batch × T × crop) | train clips/s | train GFLOP/s | inference clips/s | "
+          "inference, BN folded | peak memory |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for spec in args.inputs:
         b, t, s = map(int, spec.split("x"))
+        flops = 3 * forward_gflops(args.model, t, s)  # forward + backward ≈ 3 forwards
+        runs: dict[str, list[dict]] = {row: [] for row in args.rows}
+        for _ in range(args.rounds):
+            for row in args.rows:
+                cmd = [sys.executable, __file__, "--child", row, args.model, str(b), str(t), str(s),
+                       "--seconds", str(args.seconds)]
+                if args.threads:
+                    cmd += ["--threads", str(args.threads)]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+                runs[row].append(json.loads(out))
         base = None
-        for row, title in ROWS.items():
-            cmd = [sys.executable, __file__, "--child", row, str(b), str(t), str(s), "--seconds", str(args.seconds)]
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        for row, outs in runs.items():
+            out = {key: statistics.median(o[key] for o in outs) for key in outs[0]}
             base = base or out["train"]
-            print(f"| {title} | {b} x {t} x {s}² | {out['train']:.2f} ({out['train'] / base:.2f}×) | "
-                  f"{out['infer']:.1f} | {out['peak_mib']:.0f} MiB |", flush=True)
-
+            folded = f"{out['infer_folded']:.1f}" if "infer_folded" in out else "–"
+            print(f"| {ROWS[row]} | {b} × {t} × {s}² | {out['train']:.2f} ({out['train'] / base:.2f}×) | "
+                  f"{out['train'] * flops:.0f} | {out['infer']:.1f} | {folded} | {out['peak_mib']:.0f} MiB |",
+                  flush=True)
 
 if __name__ == "__main__":
     main()
