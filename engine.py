@@ -563,9 +563,9 @@ def compile_for(net: nn.Module, schedule: MultigridSchedule, backend: str) -> nn
     """`net` through torch.compile, with room for one graph per batch shape and BN split count of the schedule.
 
     Multigrid changes the batch, frames and crop from stage to stage and within the short cycle; each combination is
-    compiled once, at its first step, and reused whenever it comes back. Static shapes: dynamic ones would compile a
-    single graph but give up the shape-specific kernels that are the point of compiling. The model itself stays
-    uncompiled (checkpoints, precise BN and evaluation use it).
+    compiled once, at its first step, and reused whenever it comes back. Static shapes: dynamic ones were measured
+    slower to compile and to run, and compiled again at the next shape anyway (benchmarks/README.md). The model itself
+    stays uncompiled (checkpoints, precise BN and evaluation use it).
     """
     shapes = {(crop, batch, stage.frames, stage.bn_splits, stage.bn_sync)
               for stage in schedule.stages for crop, batch in stage.short_cycle}

@@ -372,8 +372,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "bf16 autocast was slower than fp32.")
     g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="Train through torch.compile (backend inductor unless named): one graph per batch shape of "
-                        "the schedule, compiled at its first step. Off by default: on a 2-core CPU each shape took "
-                        "70-110 s to compile and trained slower at 2 of 3 shapes (benchmarks/README.md).")
+                        "the schedule, compiled at its first step. Off by default: on the CPU it took minutes per "
+                        "shape to compile and did not train faster (benchmarks/README.md); meant for CUDA.")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="Data-loading processes per training process (default: 8, or the number of cores if fewer).")
     g.add_argument("--seed", type=int, default=0, help="Seed for sampling, augmentation and initialisation.")
