@@ -3,7 +3,7 @@
 `DepthwiseConv3d` has exactly the parameters of `nn.Conv3d(channels, channels, k, groups=channels, bias=False)`, so
 checkpoints do not know it exists. Its forward is the ordinary convolution. CPU training has two backwards to choose
 from: ATen's (oneDNN's depthwise backward) and the one below. Which is faster depends on the CPU and on the shape: on
-one CPU the one below was 5-20x faster, on another 1.5x slower at one input and 3x faster at another
+one CPU the one below was faster everywhere, on another slower at one input and faster at another
 (benchmarks/README.md). So the first training step of each layer at each input shape times both on that shape and
 keeps the faster; `choices()` is that table, and the training scripts store it in their checkpoints so that a resumed
 run computes its gradients the same way as the run it continues (the two backwards round differently).
