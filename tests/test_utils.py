@@ -215,3 +215,21 @@ def test_tensorboard_writes_events_or_says_what_is_missing(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
     with pytest.raises(UserError, match="--tensorboard needs the tensorboard package.*pip install tensorboard"):
         utils.RunLogger(tmp_path / "other", tensorboard=True)
+
+
+class _WorkerState(torch.utils.data.Dataset):
+    """Each item: the worker's CPU priority (niceness) and whether it ignores Ctrl-C."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> tuple[int, bool]:
+        return os.nice(0), signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_loader_workers_decode_at_the_lowest_priority_and_ignore_ctrl_c():
+    loader = torch.utils.data.DataLoader(_WorkerState(), num_workers=1, worker_init_fn=utils.init_loader_worker,
+                                         batch_size=None)
+    (niceness, ignores_sigint), = list(loader)
+    assert niceness == 19 and ignores_sigint
+    assert os.nice(0) < 19  # the training process itself keeps its priority
