@@ -72,7 +72,7 @@ def probe(path: PathLike, backend: str = "auto", *, fps: float = 30.0) -> VideoI
     _check_backend_name(backend)
     if os.path.isdir(path):
         files = _list_frame_files(path)
-        width, height = _jpeg_size(files[0])
+        width, height = _jpeg_size(os.path.join(path, files[0]))
         return VideoInfo(len(files), float(fps), height, width)
     _check_file(path)
     if _resolve_backend(backend) == "torchcodec":
@@ -338,20 +338,17 @@ def _read_torchcodec(path: str, indices: list[int]) -> torch.Tensor:
 
 
 def _list_frame_files(folder: str) -> list[str]:
-    """JPEG files of a frame folder ordered by the frame number that ends their name."""
+    """Names of a frame folder's JPEG files ordered by the frame number that ends them (join with the folder)."""
     try:
         names = os.listdir(folder)
     except OSError as error:
         raise VideoReadError(f"{folder}: cannot list the frame folder ({error})") from error
-    numbered = []
-    for name in names:
-        match = _FRAME_FILE.search(name)
-        if match and not name.startswith("."):  # skips "._frame_00001.jpg" files that macOS copies leave
-            numbered.append((int(match.group(1)), name))
+    # runs once per clip read: only the names are parsed here, the few frames a clip needs are joined by the caller
+    numbered = sorted((int(match.group(1)), name) for name in names
+                      if (match := _FRAME_FILE.search(name)) and not name.startswith("."))  # skips macOS "._" copies
     if not numbered:
         raise VideoReadError(f"{folder}: no numbered JPEG frames (expected e.g. frame_00001.jpg or <id>-000001.jpg)")
-    numbered.sort()
-    return [os.path.join(folder, name) for _, name in numbered]
+    return [name for _, name in numbered]
 
 
 def _jpeg_size(path: str) -> tuple[int, int]:
@@ -383,5 +380,5 @@ def _decode_jpeg(path: str, min_short_side: int | None) -> np.ndarray:
 def _read_folder(folder: str, indices: list[int], min_short_side: int | None) -> torch.Tensor:
     files = _list_frame_files(folder)
     indices = _clamp(indices, len(files))
-    decoded = {i: _decode_jpeg(files[i], min_short_side) for i in set(indices)}
+    decoded = {i: _decode_jpeg(os.path.join(folder, files[i]), min_short_side) for i in set(indices)}
     return _stack_hwc(folder, [decoded[i] for i in indices])

@@ -1,7 +1,7 @@
 """Seconds per training iteration at each multigrid shape: the model alone, and fed by real data-loader workers.
 
-    python benchmarks/bench_loader.py                       # make demo's shapes on its data (about 5 minutes)
-    python benchmarks/bench_loader.py --shapes 8x8x56 64x2x40 --iters 40
+    python benchmarks/bench_loader.py                       # make demo's shapes on its data (about 13 minutes)
+    python benchmarks/bench_loader.py --shapes 8x8x56 64x2x40 --iters 40 --rows alone lowest jpeg
 
 On a machine where the data-loader workers decode on the same cores as the training step (CPU training, or a GPU
 machine with more workers than free cores), an iteration costs more than the model alone. Rows, per batch shape
@@ -10,7 +10,10 @@ machine with more workers than free cores), an iteration costs more than the mod
 - `default priority`: the same step on batches that --workers DataLoader workers decode from the demo videos, the
   workers at the same CPU priority as the step;
 - `lowest priority`: the same, the workers at the lowest priority (what the training scripts do,
-  utils.init_loader_worker).
+  utils.init_loader_worker);
+- `JPEG frames`: lowest priority, the same videos as JPEG frame folders (`make_demo_data.py --kinetics-format jpeg`,
+  made in --jpeg-root when missing), which decode without H.264's inter-frame work and at reduced size for small
+  crops.
 The rounds alternate (alone, default, lowest, alone, ...), so a machine that slows down affects every row alike; the
 table gives each row's median over the rounds, its ratio to the model alone and the share of the step spent waiting
 for a batch.
@@ -35,7 +38,7 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODES = {"alone": "model alone", "default": "workers at default priority", "lowest": "workers at lowest priority"}
+MODES = {"alone": "model alone", "default": "default priority", "lowest": "lowest priority", "jpeg": "JPEG frames"}
 # make demo's multigrid shapes (batch x frames x crop): the base shape, then the long and short cycles'.
 DEMO_SHAPES = ["8x8x56", "16x4x56", "16x8x40", "32x4x40", "32x8x28", "64x2x40", "64x4x28", "128x2x28"]
 
@@ -53,7 +56,7 @@ def measure(mode: str, batch: int, frames: int, crop: int, args: argparse.Namesp
     from multigrid import ClipSpec, bn_splits_for
 
     torch.manual_seed(0)
-    dataset = build_kinetics(args.data_root, "train", frames=8, sampling_rate=8, train_crop=56, train_jitter=(64, 80),
+    dataset = build_kinetics(args.jpeg_root if mode == "jpeg" else args.data_root, "train", frames=8, sampling_rate=8, train_crop=56, train_jitter=(64, 80),
                              test_crop=64, flip_prob=0.0)
     model = x3d.to_channels_last(x3d.build_model("x3d_xs", num_classes=dataset.num_classes, dropout=0.0))
     x3d.set_bn_splits(model, bn_splits_for(batch))
@@ -67,7 +70,7 @@ def measure(mode: str, batch: int, frames: int, crop: int, args: argparse.Namesp
         # Distinct videos and seeds per clip, the demo's sampling rate (8); the rates multigrid draws vary the span.
         specs = [[ClipSpec((i * batch + j) * 7919 % dataset.num_videos, frames, crop, 8, 8, i * batch + j)
                   for j in range(batch)] for i in range(total)]
-        init = utils.init_loader_worker if mode == "lowest" else ignore_sigint
+        init = ignore_sigint if mode == "default" else utils.init_loader_worker
         batches = iter(DataLoader(dataset, batch_sampler=specs, num_workers=args.workers, worker_init_fn=init))
     model.train()
     wait = 0.0
@@ -89,6 +92,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default=str(ROOT / "data/demo/kinetics"),
                    help="make demo's videos (made if missing).")
+    p.add_argument("--jpeg-root", default=str(ROOT / "data/demo_jpeg/kinetics"),
+                   help="The same videos as JPEG frame folders, for the `jpeg` row (made if missing).")
+    p.add_argument("--rows", nargs="+", default=list(MODES), choices=list(MODES),
+                   help="Rows to measure; `alone` is always measured, as the reference.")
     p.add_argument("--shapes", nargs="+", default=DEMO_SHAPES, metavar="BxTxS", help="Batch shapes to measure.")
     p.add_argument("--iters", type=int, default=20, help="Timed iterations per row and round.")
     p.add_argument("--rounds", type=int, default=2, help="Rounds of alternating rows.")
@@ -99,28 +106,30 @@ def main() -> None:
         mode, b, t, s = args.child[0], *map(int, args.child[1:])
         print(json.dumps(measure(mode, b, t, s, args)))
         return
-    if not Path(args.data_root).exists():
-        subprocess.run([sys.executable, str(ROOT / "tools/make_demo_data.py"), "--datasets", "kinetics",
-                        "--out", str(Path(args.data_root).parent)], check=True)
+    modes = ["alone"] + [m for m in MODES if m in args.rows and m != "alone"]
+    for root, wanted, fmt in [(args.data_root, True, "mp4"), (args.jpeg_root, "jpeg" in modes, "jpeg")]:
+        if wanted and not Path(root).exists():
+            subprocess.run([sys.executable, str(ROOT / "tools/make_demo_data.py"), "--datasets", "kinetics",
+                            "--kinetics-format", fmt, "--out", str(Path(root).parent)], check=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, {args.workers} "
           f"workers, {args.iters} iterations x {args.rounds} rounds per row")
-    print("| batch × T × crop | model alone (s/it) | default priority (s/it) | vs alone | data wait "
-          "| lowest priority (s/it) | vs alone | data wait |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| batch × T × crop | model alone (s/it) | "
+          + " | ".join(f"{MODES[m]} (s/it) | vs alone | data wait" for m in modes[1:]) + " |")
+    print("|---|---:|" + "---:|---:|---:|" * (len(modes) - 1))
     for spec in args.shapes:
         b, t, s = map(int, spec.split("x"))
-        results: dict[str, list[dict]] = {mode: [] for mode in MODES}
+        results: dict[str, list[dict]] = {mode: [] for mode in modes}
         for _ in range(args.rounds):
-            for mode in MODES:
+            for mode in modes:
                 cmd = [sys.executable, __file__, "--child", mode, str(b), str(t), str(s), "--data-root",
-                       args.data_root, "--iters", str(args.iters), "--workers", str(args.workers)]
+                       args.data_root, "--jpeg-root", args.jpeg_root, "--iters", str(args.iters),
+                       "--workers", str(args.workers)]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
                 results[mode].append(json.loads(out))
         med = {m: statistics.median(r["s_per_it"] for r in rs) for m, rs in results.items()}
         wait = {m: statistics.median(r["wait"] for r in rs) for m, rs in results.items()}
-        print(f"| {spec} | {med['alone']:.3f} | {med['default']:.3f} | {med['default'] / med['alone']:.2f} | "
-              f"{wait['default']:.0%} | {med['lowest']:.3f} | {med['lowest'] / med['alone']:.2f} | "
-              f"{wait['lowest']:.0%} |", flush=True)
+        cells = [f"{med[m]:.3f} | {med[m] / med['alone']:.2f} | {wait[m]:.0%}" for m in modes[1:]]
+        print(f"| {spec} | {med['alone']:.3f} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

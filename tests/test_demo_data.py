@@ -86,6 +86,32 @@ def test_kinetics_videos_decode(small: Path) -> None:
         assert [i for i, key in enumerate(keys) if key] == [0, 16, 32, 48]  # as prepare_kinetics.py encodes
 
 
+def test_kinetics_jpeg_frames_match_the_videos_and_load(small: Path, tmp_path: Path) -> None:
+    """--kinetics-format jpeg: the same videos as frame folders in the original repository's naming, which the
+    Kinetics dataset reads (each frame close to the H.264 one: both are lossy codings of the same render)."""
+    from kinetics_multigrid import build_kinetics
+
+    root = generate(tmp_path / "data", *SMALL, "--datasets", "kinetics", "--kinetics-format", "jpeg") / "kinetics"
+    assert not list(root.rglob("*.mp4"))
+    for name in ("train.csv", "validate.csv"):
+        assert read_csv(root / "annotations" / name) == read_csv(small / "kinetics" / "annotations" / name)
+    _, rows = read_csv(root / "annotations" / "train.csv")
+    videos = [decode(kinetics_path(small / "kinetics", row)).astype(int) for row in rows]
+    for i, row in enumerate(rows):
+        folder = kinetics_path(root, row).with_suffix("")
+        assert sorted(p.name for p in folder.iterdir()) == [f"frame_{i:05d}.jpg" for i in range(1, 61)]
+        frames = np.stack([np.asarray(Image.open(folder / f"frame_{i:05d}.jpg")) for i in range(1, 61)])
+        assert frames.shape == videos[i].shape == (60, 64, 86, 3)
+        # mean absolute difference to the same video, another video, and the same video backwards
+        same, other, backwards = (np.abs(frames - v).mean() for v in (videos[i], videos[i - 1], videos[i][::-1]))
+        assert same < 8 and other > 5 * same and backwards > 2.5 * same
+    dataset = build_kinetics(root, "train", frames=4, sampling_rate=4, train_crop=32, train_jitter=(36, 40),
+                             test_crop=32, flip_prob=0.0)
+    assert dataset.num_videos == len(rows)
+    clip, label = dataset[0]
+    assert clip.shape == (3, 4, 32, 32) and 0 <= label < 3
+
+
 ACTIONS = re.compile(r"c(\d{3}) (\d+\.\d\d) (\d+\.\d\d)")
 
 

@@ -8,6 +8,7 @@ Kinetics-style (DIR/kinetics): H.264 mp4 files at 30 fps, a keyframe every 16 fr
     annotations/{train,validate}.csv   label,youtube_id,time_start,time_end,split
     {train,val}/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4
     labels.txt                         one class per line, alphabetical (= the class index)
+or, with --kinetics-format jpeg, a folder of frames per video in place of each mp4: <name>/frame_00001.jpg, ...
 
 Two regimes (--regime):
 - appearance (the default) is the regime Kinetics sits in, where multigrid is meant to pay: most of a class shows in
@@ -223,7 +224,7 @@ class Actor:
 class VideoJob:
     """Everything needed to render one video; its own seed makes the result independent of the worker."""
 
-    path: str  # an mp4 file, or a folder of <id>-000001.jpg frames when jpeg is set
+    path: str  # an mp4 file, or a folder of JPEG frames named by frame_name when jpeg is set
     seed: tuple[int, ...]
     num_frames: int
     fps: int
@@ -232,6 +233,7 @@ class VideoJob:
     actors: tuple[Actor, ...]
     shake: int  # camera jitter in pixels, independent per frame
     jpeg: bool = False
+    frame_name: str = "{folder}-{index:06d}.jpg"  # Charades' naming; Kinetics frame folders use frame_00001.jpg
     scene: KindClass | None = None  # the Kinetics-regime set: actors of this class, placed by place_kind_sprites
     keyframe_interval: int = KEYFRAME_INTERVAL
 
@@ -438,7 +440,7 @@ def render_video(job: VideoJob) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     total = 0
     for i, array in enumerate(render_frames(job), start=1):
-        path = folder / f"{folder.name}-{i:06d}.jpg"
+        path = folder / job.frame_name.format(folder=folder.name, index=i)
         Image.fromarray(array).save(path, quality=90)
         total += path.stat().st_size
     return total
@@ -465,6 +467,7 @@ def plan_kinetics(args: argparse.Namespace, root: Path) -> tuple[list[str], dict
     """Labels (alphabetical), CSV rows per split, and one job per video of the Kinetics-style set."""
     rng, taken = np.random.default_rng([args.seed, 0]), set()
     width, height = frame_size(args.size)
+    jpeg = args.kinetics_format == "jpeg"
     if args.regime == "motion":
         classes = [(name, motion, None) for name, motion in kinetics_classes(args.classes)]
     else:
@@ -475,13 +478,14 @@ def plan_kinetics(args: argparse.Namespace, root: Path) -> tuple[list[str], dict
             for _ in range(per_class):
                 yid, start = _youtube_id(rng, taken), int(rng.integers(0, 300))
                 end = start + args.seconds
-                path = root / split / label / f"{yid}_{start:06d}_{end:06d}.mp4"
+                path = root / split / label / f"{yid}_{start:06d}_{end:06d}{'' if jpeg else '.mp4'}"
                 # motion-only set: many objects, all doing the class's motion, so the signal is everywhere in the
                 # frame (X3D-XS went from chance to 39 % in 320 iterations where 3-6 larger objects gave 20 %)
                 actors = (Actor(motion),) * int(rng.integers(8, 15)) if scene is None else ()
                 jobs.append(VideoJob(str(path), (args.seed, 0, split_code, len(jobs)), args.seconds * KINETICS_FPS,
                                      KINETICS_FPS, width, height, actors, args.shake, scene=scene,
-                                     keyframe_interval=args.keyframe_interval))
+                                     keyframe_interval=args.keyframe_interval, jpeg=jpeg,
+                                     frame_name="frame_{index:05d}.jpg"))
                 rows[split].append({"label": label, "youtube_id": yid, "time_start": start, "time_end": end,
                                     "split": split})
     for split_rows in rows.values():
@@ -654,6 +658,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-per-class", type=int, default=200, help="Training videos per class.")
     g.add_argument("--val-per-class", type=int, default=50, help="Validation videos per class.")
     g.add_argument("--seconds", type=int, default=3, help="Length of each video in whole seconds (at 30 fps).")
+    g.add_argument("--kinetics-format", default="mp4", choices=["mp4", "jpeg"],
+                   help="mp4: H.264 files. jpeg: a folder of frame_00001.jpg files per video (the original "
+                        "X3D-Multigrid repository's frames, at quality 90), which decode at reduced size for small "
+                        "crops.")
     g.add_argument("--keyframe-interval", type=int, default=KEYFRAME_INTERVAL,
                    help="Frames from one keyframe to the next (default: %(default)s, tools/prepare_kinetics.py's). A "
                         "clip decodes from the keyframe before each frame it needs.")
