@@ -25,6 +25,7 @@ from x3d import (
     DepthwiseConv3d,
     SubBatchNorm3d,
     Swish,
+    _GroupedBatchNormFunction,
     aggregate_sub_bn_stats,
     build_model,
     build_model_from_cfg,
@@ -251,8 +252,8 @@ def test_sub_bn_training_equals_independent_bn_per_group(channels_last, momentum
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         out = bn(x)
-        for g in range(k):  # sample i belongs to group i mod k
-            torch.testing.assert_close(out[g::k], groups[g](x[g::k]))
+        for g in range(k):  # group g: the run of samples 2g, 2g + 1 (the model orders its batch, see below)
+            torch.testing.assert_close(out[2 * g:2 * g + 2], groups[g](x[2 * g:2 * g + 2]))
     if channels_last:
         assert out.is_contiguous(memory_format=torch.channels_last_3d)
 
@@ -265,6 +266,58 @@ def test_sub_bn_training_equals_independent_bn_per_group(channels_last, momentum
     torch.testing.assert_close(bn.running_var, var)
     x = torch.randn(3, channels, 2, 3, 3)
     torch.testing.assert_close(bn(x), F.batch_norm(x, mean, var, bn.weight, bn.bias, False, 0.0, bn.eps))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_model_groups_clip_i_with_clips_i_mod_k(channels_last):
+    """In training with k splits, every clip is normalised with the clips of its group i mod k (PySlowFast's groups):
+    the model's outputs on the whole batch equal its outputs on each group alone with plain BN, and so do the
+    gradients. In float64: BN over two clips at the last stage's 1x1 pixels amplifies float32 rounding."""
+    torch.manual_seed(0)
+    k = 3
+    model = build_model("x3d_xs", num_classes=5, dropout=0.0).double()
+    if channels_last:
+        model = to_channels_last(model)
+    for m in model.modules():
+        if isinstance(m, SubBatchNorm3d):
+            _random_affine(m)
+    x = torch.randn(6, 3, 2, 32, 32, dtype=torch.float64) * torch.arange(1.0, 7.0).view(6, 1, 1, 1, 1)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    reference = copy.deepcopy(model).train()
+    set_bn_splits(model.train(), k)
+    out = model(x)
+    out.sum().backward()
+    expected = torch.empty_like(out)
+    for g in range(k):
+        y = reference(x[g::k])
+        y.sum().backward()  # parameter gradients add up over the groups, as over one batch
+        expected[g::k] = y.detach()
+    torch.testing.assert_close(out, expected)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_grouped_batch_norm_gradients_and_half_precision_inputs():
+    """The grouped kernel's backward against numerical gradients (float64), and a bfloat16 input with float32
+    parameters (what autocast feeds it) against float32."""
+    torch.manual_seed(0)
+    k, c = 2, 3
+    x = torch.randn(4, c, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(c, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(c, dtype=torch.float64, requires_grad=True)
+
+    def grouped(x, weight, bias):
+        mean, var = torch.zeros(k * c, dtype=torch.float64), torch.ones(k * c, dtype=torch.float64)
+        return _GroupedBatchNormFunction.apply(x, weight, bias, mean, var, k, 0.1, 1e-5)
+
+    assert torch.autograd.gradcheck(grouped, (x, weight, bias))
+    bn = SubBatchNorm3d(c, num_splits=k)
+    _random_affine(bn)
+    x32 = torch.randn(4, c, 2, 3, 3).contiguous(memory_format=torch.channels_last_3d)
+    half = bn(x32.bfloat16())
+    assert half.dtype == torch.bfloat16 and half.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(half.float(), bn(x32), rtol=0.05, atol=0.05)
 
 
 def test_sub_bn_channels_last_input_equals_contiguous():
