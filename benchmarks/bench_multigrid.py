@@ -42,6 +42,7 @@ from pathlib import Path
 
 import matplotlib
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -133,6 +134,8 @@ def shape_costs(run: dict, repeats: int = 5) -> list[dict]:
         set_bn_splits(model, splits[key])
         clips = torch.randn(n, 3, t, s, s).contiguous(memory_format=torch.channels_last_3d)
         labels = torch.randint(0, model.head.classifier.out_features, (n,))
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(clips)  # the network's own cost: at equal voxels, stride 32 leaves small crops' late stages larger
         times = []
         for i in range(repeats + 2):  # two warm-up iterations
             start = time.perf_counter()
@@ -143,7 +146,8 @@ def shape_costs(run: dict, repeats: int = 5) -> list[dict]:
             if i >= 2:
                 times.append(time.perf_counter() - start)
         seconds, iters, wait = trained[key]
-        rows.append({"shape": key, "voxels": n * t * s * s, "alone": statistics.median(times),
+        rows.append({"shape": key, "voxels": n * t * s * s, "flops": counter.get_total_flops(),
+                     "alone": statistics.median(times),
                      "trained": seconds / iters, "wait": wait / seconds, "iters": iters})
     return rows
 
@@ -229,11 +233,12 @@ def main(args: argparse.Namespace) -> None:
     multigrid = next(r for r in results if r["name"] == "multigrid")
     costs = shape_costs(multigrid)
     base = next(c for c in costs if c["shape"] == f"{args.batch_size}x{args.frames}x{args.crop}")
-    print("\n| multigrid shape (batch × T × crop) | voxels vs base | iterations | model alone (s/it) | vs base shape "
-          "| in training (s/it) | training / alone | data wait |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| multigrid shape (batch × T × crop) | voxels vs base | FLOPs vs base | iterations | model alone (s/it) "
+          "| vs base shape | in training (s/it) | training / alone | data wait |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in costs:
-        print(f"| {c['shape']} | {c['voxels'] / base['voxels']:.2f} | {c['iters']} | {c['alone']:.3f} | "
+        print(f"| {c['shape']} | {c['voxels'] / base['voxels']:.2f} | {c['flops'] / base['flops']:.2f} | {c['iters']} | "
+              f"{c['alone']:.3f} | "
               f"{c['alone'] / base['alone']:.2f} | {c['trained']:.3f} | {c['trained'] / c['alone']:.2f} | "
               f"{100 * c['wait']:.1f}% |")
     ideal = sum(c["iters"] * base["trained"] for c in costs) / 60
