@@ -56,7 +56,8 @@ def measure(mode: str, batch: int, frames: int, crop: int, args: argparse.Namesp
     from multigrid import ClipSpec, bn_splits_for
 
     torch.manual_seed(0)
-    dataset = build_kinetics(args.jpeg_root if mode == "jpeg" else args.data_root, "train", frames=8, sampling_rate=8, train_crop=56, train_jitter=(64, 80),
+    root = args.jpeg_root if mode == "jpeg" else args.data_root
+    dataset = build_kinetics(root, "train", frames=8, sampling_rate=8, train_crop=56, train_jitter=(64, 80),
                              test_crop=64, flip_prob=0.0)
     model = x3d.to_channels_last(x3d.build_model("x3d_xs", num_classes=dataset.num_classes, dropout=0.0))
     x3d.set_bn_splits(model, bn_splits_for(batch))

@@ -237,10 +237,9 @@ def main(args: argparse.Namespace) -> None:
           "| vs base shape | in training (s/it) | training / alone | data wait |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in costs:
-        print(f"| {c['shape']} | {c['voxels'] / base['voxels']:.2f} | {c['flops'] / base['flops']:.2f} | {c['iters']} | "
-              f"{c['alone']:.3f} | "
-              f"{c['alone'] / base['alone']:.2f} | {c['trained']:.3f} | {c['trained'] / c['alone']:.2f} | "
-              f"{100 * c['wait']:.1f}% |")
+        print(f"| {c['shape']} | {c['voxels'] / base['voxels']:.2f} | {c['flops'] / base['flops']:.2f} | "
+              f"{c['iters']} | {c['alone']:.3f} | {c['alone'] / base['alone']:.2f} | {c['trained']:.3f} | "
+              f"{c['trained'] / c['alone']:.2f} | {100 * c['wait']:.1f}% |")
     ideal = sum(c["iters"] * base["trained"] for c in costs) / 60
     print(f"\nMultigrid's {multigrid['iters']} iterations would take {ideal:.1f} min at the base shape's in-training "
           f"cost; they took {multigrid['minutes']:.1f} min. Its speed-up is "
