@@ -1,15 +1,15 @@
 """Depthwise 3D convolution for X3D, with a second CPU training backward chosen per layer and input shape.
 
 `DepthwiseConv3d` has exactly the parameters of `nn.Conv3d(channels, channels, k, groups=channels, bias=False)`, so
-checkpoints do not know it exists. Its forward is the ordinary convolution. CPU training has two backwards to choose
-from: ATen's (oneDNN's depthwise backward) and the one below. Which is faster depends on the CPU and on the shape: on
-one CPU the one below was faster everywhere, on another slower at one input and faster at another
-(benchmarks/README.md). So the first training step of each layer at each input shape times both on that shape and
-keeps the faster; `choices()` is that table, and the training scripts store it in their checkpoints so that a resumed
-run computes its gradients the same way as the run it continues (the two backwards round differently).
-`X3D_DEPTHWISE_BACKWARD=own` or `=aten` in the environment takes one everywhere instead (`auto`, the default, times
-them): two runs with the same seed then give the same weights. CUDA, inference anywhere and graphs compiled with
-torch.compile run ATen's convolution.
+checkpoints do not know it exists. Its forward is the ordinary convolution. CPU training has three backwards to choose
+from (BACKWARDS): ATen's; `own-input`, whose input gradient is a forward convolution and whose weight gradient is
+ATen's; and `own`, which also computes the weight gradient by kernel taps. Which is fastest depends on the CPU and on
+the shape (benchmarks/README.md), so the first training step of each layer at each input shape times them on that
+shape and keeps the fastest; `choices()` is that table, and the training scripts store it in their checkpoints so
+that a resumed run computes its gradients the same way as the run it continues (the backwards round differently).
+`X3D_DEPTHWISE_BACKWARD=own`, `=own-input` or `=aten` in the environment takes one everywhere instead (`auto`, the
+default, times them): two runs with the same seed then give the same weights. CUDA, inference anywhere and graphs
+compiled with torch.compile run ATen's convolution.
 """
 
 from __future__ import annotations
@@ -23,28 +23,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BACKWARDS = ("own", "aten")
+# own: input gradient as a forward convolution, weight gradient by kernel taps; own-input: the same input gradient,
+# ATen's weight gradient; aten: ATen's backward
+BACKWARDS = ("own", "own-input", "aten")
 MODES = ("auto", *BACKWARDS)
 TIMING_ROUNDS = 3  # per backward, after one warm-up round; the fastest round counts
 
-_choices: dict[str, str] = {}  # layer-and-input key -> "own" or "aten"
+_choices: dict[str, str] = {}  # layer-and-input key -> one of BACKWARDS
 
 
 class _DepthwiseConv3dFunction(torch.autograd.Function):
-    """Depthwise conv3d whose backward avoids oneDNN's depthwise backward.
+    """Depthwise conv3d whose input gradient avoids ATen's depthwise input backward.
 
-    Forward is the ordinary convolution. The input gradient of a stride-1 layer is a forward convolution with the
-    flipped kernel; strided layers keep ATen's input gradient. The weight gradient sums, for each kernel tap, the
-    products of the gradient with the matching shifted input, in channels-last order so that the channel dimension is
-    contiguous. The gradients equal ATen's (tests/test_x3d.py).
+    Forward is the ordinary convolution. The input gradient of a stride-1 layer is a forward convolution of the output
+    gradient with the flipped kernel, which oneDNN runs several times faster than ATen's depthwise input backward;
+    strided layers keep ATen's. The weight gradient is ATen's (asked for alone) or, with `own_weight`, a sum over the
+    kernel taps of the gradient times the matching shifted input, in channels-last order so that the channel
+    dimension is contiguous: which of the two is faster depends on the shape (many clips of few pixels favour the
+    taps). The gradients equal ATen's (tests/test_x3d.py).
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")  # backward then runs under the forward's autocast state
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, ...],
-                padding: tuple[int, ...]) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, ...], padding: tuple[int, ...],
+                own_weight: bool) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.stride, ctx.padding = stride, padding
+        ctx.stride, ctx.padding, ctx.own_weight = stride, padding, own_weight
         return F.conv3d(x, weight, None, stride, padding, 1, weight.shape[0])
 
     @staticmethod
@@ -53,16 +57,19 @@ class _DepthwiseConv3dFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         stride, padding, channels = ctx.stride, ctx.padding, weight.shape[0]
         grad = grad.contiguous(memory_format=torch.channels_last_3d)
+        flipped_padding = tuple(k - 1 - p for k, p in zip(weight.shape[2:], padding))
+        own_input = ctx.needs_input_grad[0] and all(s == 1 for s in stride) and min(flipped_padding) >= 0
+        own_weight = ctx.needs_input_grad[1] and ctx.own_weight
+        mask = [ctx.needs_input_grad[0] and not own_input, ctx.needs_input_grad[1] and not own_weight, False]
         grad_input = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            flipped_padding = tuple(k - 1 - p for k, p in zip(weight.shape[2:], padding))
-            if all(s == 1 for s in stride) and min(flipped_padding) >= 0:
-                grad_input = F.conv3d(grad, weight.flip(2, 3, 4), None, 1, flipped_padding, 1, channels)
-            else:
-                grad_input = torch.ops.aten.convolution_backward(
-                    grad, x, weight, None, list(stride), list(padding), [1, 1, 1], False, [0, 0, 0], channels,
-                    [True, False, False])[0]
-        if ctx.needs_input_grad[1]:
+        if any(mask):
+            # under autocast the gradient comes in the autocast dtype: ATen's backward wants one dtype throughout
+            grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+                grad, x.to(grad.dtype), weight.to(grad.dtype), None, list(stride), list(padding), [1, 1, 1], False,
+                [0, 0, 0], channels, mask)
+        if own_input:
+            grad_input = F.conv3d(grad, weight.flip(2, 3, 4).to(grad.dtype), None, 1, flipped_padding, 1, channels)
+        if own_weight:
             (pt, ph, pw), (st, sh, sw) = padding, stride
             padded = F.pad(x.permute(0, 2, 3, 4, 1), (0, 0, pw, pw, ph, ph, pt, pt))  # (N, T, H, W, C)
             g = grad.permute(0, 2, 3, 4, 1)
@@ -71,7 +78,8 @@ class _DepthwiseConv3dFunction(torch.autograd.Function):
             taps = [(padded[:, a:a + st * (t - 1) + 1:st, b:b + sh * (h - 1) + 1:sh, d:d + sw * (w - 1) + 1:sw] * g)
                     .sum((0, 1, 2, 3)) for a in range(kt) for b in range(kh) for d in range(kw)]
             grad_weight = torch.stack(taps, 1).view_as(weight)
-        return grad_input, grad_weight, None, None
+        return (None if grad_input is None else grad_input.to(x.dtype),
+                None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None)
 
 
 class DepthwiseConv3d(nn.Conv3d):
@@ -83,13 +91,13 @@ class DepthwiseConv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-                and not torch.compiler.is_compiling() and backward_for(self, x) == "own"):
-            return _DepthwiseConv3dFunction.apply(x, self.weight, self.stride, self.padding)
+                and not torch.compiler.is_compiling() and (backward := backward_for(self, x)) != "aten"):
+            return _DepthwiseConv3dFunction.apply(x, self.weight, self.stride, self.padding, backward == "own")
         return super().forward(x)
 
 
 def mode() -> str:
-    """X3D_DEPTHWISE_BACKWARD: `auto` (default: the faster per layer and shape), `own` or `aten`."""
+    """X3D_DEPTHWISE_BACKWARD: `auto` (default: the fastest per layer and shape) or one of BACKWARDS."""
     value = os.environ.get("X3D_DEPTHWISE_BACKWARD", "auto")
     if value not in MODES:
         raise ValueError(f"X3D_DEPTHWISE_BACKWARD must be one of {', '.join(MODES)}, got {value!r}")
@@ -111,15 +119,16 @@ def backward_for(layer: DepthwiseConv3d, x: torch.Tensor) -> str:
 
 
 def fastest_backward(layer: DepthwiseConv3d, x: torch.Tensor) -> str:
-    """Time both backwards (forward included, the same in both) of `layer` on random data shaped as `x`."""
+    """Time every backward (forward included, the same in all) of `layer` on random data shaped as `x`."""
     generator = torch.Generator().manual_seed(0)  # not the global generator: a run's random stream stays the same
     layout = torch.channels_last_3d if not x.is_contiguous() else torch.contiguous_format
-    with torch.enable_grad():  # under the caller's autocast state, which both paths follow
+    with torch.enable_grad():  # under the caller's autocast state, which every path follows
         data = torch.randn(x.shape, generator=generator).to(x.dtype).contiguous(memory_format=layout).requires_grad_()
         weight = layer.weight.detach().clone().requires_grad_()
         out = F.conv3d(data.detach(), weight.detach(), None, layer.stride, layer.padding, 1, layer.in_channels)
         grad = torch.randn(out.shape, generator=generator).to(out.dtype).contiguous(memory_format=layout)
-        run = {"own": lambda: _DepthwiseConv3dFunction.apply(data, weight, layer.stride, layer.padding),
+        run = {"own": lambda: _DepthwiseConv3dFunction.apply(data, weight, layer.stride, layer.padding, True),
+               "own-input": lambda: _DepthwiseConv3dFunction.apply(data, weight, layer.stride, layer.padding, False),
                "aten": lambda: F.conv3d(data, weight, None, layer.stride, layer.padding, 1, layer.in_channels)}
         best = dict.fromkeys(BACKWARDS, math.inf)
         for round_ in range(TIMING_ROUNDS + 1):

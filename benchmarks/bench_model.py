@@ -7,8 +7,8 @@
 Rows, each at the same input and batch, with the same SGD step:
 - PyTorchVideo 0.1.5 `create_x3d` (the reference), in the default layout and in channels_last_3d;
 - x3d.py in channels_last_3d (what the training scripts use) with each depthwise backward of depthwise_conv.py
-  forced (`aten`: ATen's; `own`: the project's), and as it trains (`auto`: the faster per layer and shape, timed at
-  the first step, which is a warm-up step here).
+  forced (`aten`: ATen's; `own`: the project's; `own-input`: the project's input gradient, ATen's weight gradient),
+  and as it trains (`auto`: the fastest per layer and shape, timed at the first step, which is a warm-up step here).
 Each row runs in its own process, so its peak resident memory (ru_maxrss) is its own. Printed: training clips/s
 (forward, backward, optimizer step) and the GFLOP/s they amount to (3x the forward's FLOPs per clip), inference
 clips/s (eval mode, no grad) as the model stands and, for x3d.py, as the evaluation runs it (BatchNorm folded into
@@ -43,7 +43,8 @@ ROWS = {
     "pytorchvideo_cl": "PyTorchVideo create_x3d, channels_last_3d",
     "ours_aten": "x3d.py, ATen depthwise backward",
     "ours_own": "x3d.py, own depthwise backward",
-    "ours": "x3d.py as trained (faster backward per layer and shape)",
+    "ours_own_input": "x3d.py, own input gradient, ATen weight gradient",
+    "ours": "x3d.py as trained (fastest backward per layer and shape)",
 }
 # PyTorchVideo's create_x3d arguments of each variant (its defaults are X3D-XS's; S is XS's network at 13 frames).
 PTV_VARIANTS = {"x3d_xs": {}, "x3d_s": {}, "x3d_m": {}, "x3d_l": {"depth_factor": 5.0}}
@@ -60,8 +61,9 @@ def build(row: str, name: str, frames: int, crop: int, num_classes: int) -> nn.M
         return model.to(memory_format=torch.channels_last_3d) if row == "pytorchvideo_cl" else model
     import x3d
 
-    # This process only: which depthwise backward (depthwise_conv.py); "ours" times both per layer and shape.
-    os.environ["X3D_DEPTHWISE_BACKWARD"] = {"ours_aten": "aten", "ours_own": "own"}.get(row, "auto")
+    # This process only: which depthwise backward (depthwise_conv.py); "ours" times them per layer and shape.
+    os.environ["X3D_DEPTHWISE_BACKWARD"] = {"ours_aten": "aten", "ours_own": "own",
+                                            "ours_own_input": "own-input"}.get(row, "auto")
     return x3d.to_channels_last(x3d.build_model(name, num_classes=num_classes, dropout=0.0))
 
 

@@ -132,8 +132,10 @@ def test_initialisation():
 # ----------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kernel, stride, padding", [(3, (1, 1, 1), 1), (3, (1, 2, 2), 1), ((5, 1, 1), 1, (2, 0, 0))])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_depthwise_conv_gradients_equal_aten(kernel, stride, padding, channels_last):
-    """DepthwiseConv3d's CPU backward gives ATen's gradients: 3x3x3 with and without stride, the stem's 5x1x1."""
+@pytest.mark.parametrize("backward", ["own", "own-input"])
+def test_depthwise_conv_gradients_equal_aten(kernel, stride, padding, channels_last, backward, monkeypatch):
+    """DepthwiseConv3d's CPU backwards give ATen's gradients: 3x3x3 with and without stride, the stem's 5x1x1."""
+    monkeypatch.setenv("X3D_DEPTHWISE_BACKWARD", backward)
     torch.manual_seed(0)
     conv = DepthwiseConv3d(12, kernel, stride=stride, padding=padding)
     ref = nn.Conv3d(12, 12, kernel, stride=stride, padding=padding, groups=12, bias=False)
@@ -182,23 +184,25 @@ def test_depthwise_backward_is_timed_per_layer_and_shape_and_kept(monkeypatch):
         conv(x)
     assert timed == [x.shape]  # timed once, then taken from the table
     (key, choice), = depthwise_conv.choices().items()
-    assert key == "c4 k3x3x3 s1x1x1 p1x1x1 in2x4x3x5x5 cl float32" and choice in ("own", "aten")
+    assert key == "c4 k3x3x3 s1x1x1 p1x1x1 in2x4x3x5x5 cl float32" and choice in depthwise_conv.BACKWARDS
 
-    other = "aten" if choice == "own" else "own"
+    other = "aten" if choice != "aten" else "own"
     depthwise_conv.load_choices({key: other})  # a resumed run's checkpoint
     want = {"own": "_DepthwiseConv3dFunctionBackward", "aten": "ConvolutionBackward0"}[other]
     assert type(conv(x).grad_fn).__name__ == want and timed == [x.shape]
     conv(x[:1]).sum().backward()  # another batch size: timed afresh
     assert len(timed) == 2 and len(depthwise_conv.choices()) == 2
-    with pytest.raises(ValueError, match="must be one of own, aten, got 'fast'"):
+    with pytest.raises(ValueError, match="must be one of own, own-input, aten, got 'fast'"):
         depthwise_conv.load_choices({key: "fast"})
     monkeypatch.setenv("X3D_DEPTHWISE_BACKWARD", "oneDNN")
-    with pytest.raises(ValueError, match="X3D_DEPTHWISE_BACKWARD must be one of auto, own, aten, got 'oneDNN'"):
+    with pytest.raises(ValueError, match="must be one of auto, own, own-input, aten, got 'oneDNN'"):
         conv(x)
 
 
-def test_depthwise_conv_under_cpu_autocast():
-    """Under bf16 autocast the custom backward returns gradients in the parameters' dtype, close to fp32's."""
+@pytest.mark.parametrize("backward", ["own", "own-input"])
+def test_depthwise_conv_under_cpu_autocast(backward, monkeypatch):
+    """Under bf16 autocast the custom backwards return gradients in the parameters' dtype, close to fp32's."""
+    monkeypatch.setenv("X3D_DEPTHWISE_BACKWARD", backward)
     torch.manual_seed(0)
     conv = DepthwiseConv3d(8, 3, padding=1)
     x = torch.randn(2, 8, 4, 6, 6)
