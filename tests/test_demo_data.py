@@ -99,8 +99,9 @@ def test_kinetics_jpeg_frames_match_the_videos_and_load(small: Path, tmp_path: P
     videos = [decode(kinetics_path(small / "kinetics", row)).astype(int) for row in rows]
     for i, row in enumerate(rows):
         folder = kinetics_path(root, row).with_suffix("")
-        assert sorted(p.name for p in folder.iterdir()) == [f"frame_{i:05d}.jpg" for i in range(1, 61)]
-        frames = np.stack([np.asarray(Image.open(folder / f"frame_{i:05d}.jpg")) for i in range(1, 61)])
+        names = [f"frame_{n:05d}.jpg" for n in range(1, 61)]
+        assert sorted(p.name for p in folder.iterdir()) == names
+        frames = np.stack([np.asarray(Image.open(folder / name)) for name in names])
         assert frames.shape == videos[i].shape == (60, 64, 86, 3)
         # mean absolute difference to the same video, another video, and the same video backwards
         same, other, backwards = (np.abs(frames - v).mean() for v in (videos[i], videos[i - 1], videos[i][::-1]))
