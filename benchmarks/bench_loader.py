@@ -14,9 +14,9 @@ machine with more workers than free cores), an iteration costs more than the mod
 - `JPEG frames`: lowest priority, the same videos as JPEG frame folders (`make_demo_data.py --kinetics-format jpeg`,
   made in --jpeg-root when missing), which decode without H.264's inter-frame work and at reduced size for small
   crops.
-The rounds alternate (alone, default, lowest, jpeg, alone, ...), so a machine that slows down affects every row alike; the
-table gives each row's median over the rounds, its ratio to the model alone and the share of the step spent waiting
-for a batch.
+The rounds alternate (alone, default, lowest, jpeg, alone, ...), so a machine that slows down affects every row
+alike; the table gives each row's median over the rounds, its ratio to the model alone and the share of the step
+spent waiting for a batch.
 """
 
 from __future__ import annotations
