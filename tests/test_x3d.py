@@ -520,6 +520,12 @@ def _init(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
+def _finish() -> None:
+    """Leave together: rank 0 hosts the store, and a rank still making its subgroup loses it if rank 0 exits."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _sync_bn_steps(bn: nn.Module, inputs: list[torch.Tensor], weights: list[torch.Tensor]) -> list[dict]:
     """Training steps of (out · w).sum(): outputs, input and parameter gradients and statistics after each step."""
     results = []
@@ -573,7 +579,7 @@ def _sync_bn_worker(rank, world, port, devices, out_dir):
         eval_out = bn(inputs[0][part])
     torch.save({"pooled": pooled, "steps": steps, "eval_out": eval_out, "keys": list(model.state_dict()),
                 "same_group": bn.process_group is same_group, "repr": repr(bn)}, os.path.join(out_dir, f"{rank}.pt"))
-    dist.destroy_process_group()
+    _finish()
 
 
 @pytest.mark.parametrize(("world", "devices"), [(2, 2), (4, 2)])
@@ -631,7 +637,7 @@ def _sync_bn_ddp_worker(rank, world, port, clips, labels, out_dir):
     if rank == 0:
         torch.save({name: p.grad for name, p in model.named_parameters()}, os.path.join(out_dir, "grads.pt"))
         torch.save(model.state_dict(), os.path.join(out_dir, "state.pt"))
-    dist.destroy_process_group()
+    _finish()
 
 
 def _ddp_model() -> nn.Module:
@@ -683,7 +689,7 @@ def _ddp_warnings_worker(rank: int, world: int, port: int, out: str) -> None:
             net(clips).sum().backward()
     if rank == 0:
         Path(out).write_text("\n".join(str(w.message) for w in caught))
-    dist.destroy_process_group()
+    _finish()
 
 
 def test_channels_last_model_trains_under_ddp_without_warnings(tmp_path):
