@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 import engine
 from checkpoints import convert_checkpoint, read_class_names
 from kinetics_multigrid import KineticsDataset, Video
-from utils import UserError, run_cli
+from utils import UserError, keep_freed_memory, run_cli
 from x3d import MODELS, build_model_from_cfg
 
 
@@ -78,4 +78,5 @@ def main(args: argparse.Namespace) -> list[tuple[str, float]]:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()
     sys.exit(run_cli(main, get_args_parser().parse_args()))

@@ -55,6 +55,7 @@ def measure(mode: str, batch: int, frames: int, crop: int, args: argparse.Namesp
     from kinetics_multigrid import build_kinetics
     from multigrid import ClipSpec, bn_splits_for
 
+    utils.keep_freed_memory()  # as the training scripts do
     torch.manual_seed(0)
     root = args.jpeg_root if mode == "jpeg" else args.data_root
     dataset = build_kinetics(root, "train", frames=8, sampling_rate=8, train_crop=56, train_jitter=(64, 80),

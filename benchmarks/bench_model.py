@@ -5,10 +5,13 @@
     python benchmarks/bench_model.py --model x3d_m --inputs 2x16x224   # X3D-M at its training input
 
 Rows, each at the same input and batch, with the same SGD step:
-- PyTorchVideo 0.1.5 `create_x3d` (the reference), in the default layout and in channels_last_3d;
+- PyTorchVideo 0.1.5 `create_x3d` (the reference), in the default layout and in channels_last_3d, as its users run
+  it, and in channels_last_3d with freed memory kept for reuse (utils.keep_freed_memory, which this project's scripts
+  call) to show what that setting alone gives;
 - x3d.py in channels_last_3d (what the training scripts use) with each depthwise backward of depthwise_conv.py
   forced (`aten`: ATen's; `own`: the project's; `own-input`: the project's input gradient, ATen's weight gradient),
-  and as it trains (`auto`: the fastest per layer and shape, timed at the first step, which is a warm-up step here).
+  and as it trains (`auto`: the fastest per layer and shape, timed at the first step, which is a warm-up step here),
+  all with freed memory kept, as the scripts run; and as it trains with glibc's default malloc settings.
 Each row runs in its own process, so its peak resident memory (ru_maxrss) is its own. Printed: training clips/s
 (forward, backward, optimizer step) and the GFLOP/s they amount to (3x the forward's FLOPs per clip), inference
 clips/s (eval mode, no grad) as the model stands and, for x3d.py, as the evaluation runs it (BatchNorm folded into
@@ -41,11 +44,16 @@ sys.path.insert(0, str(ROOT))
 ROWS = {
     "pytorchvideo": "PyTorchVideo create_x3d",
     "pytorchvideo_cl": "PyTorchVideo create_x3d, channels_last_3d",
+    "pytorchvideo_cl_kept": "PyTorchVideo create_x3d, channels_last_3d, freed memory kept",
+    "ours_malloc_default": "x3d.py as trained, glibc's default malloc",
     "ours_aten": "x3d.py, ATen depthwise backward",
     "ours_own": "x3d.py, own depthwise backward",
     "ours_own_input": "x3d.py, own input gradient, ATen weight gradient",
     "ours": "x3d.py as trained (fastest backward per layer and shape)",
 }
+# Rows that run as PyTorchVideo's users do, with glibc's default malloc; the others keep freed memory for reuse as
+# this project's scripts do (utils.keep_freed_memory).
+DEFAULT_MALLOC = ("pytorchvideo", "pytorchvideo_cl", "ours_malloc_default")
 # PyTorchVideo's create_x3d arguments of each variant (its defaults are X3D-XS's; S is XS's network at 13 frames).
 PTV_VARIANTS = {"x3d_xs": {}, "x3d_s": {}, "x3d_m": {}, "x3d_l": {"depth_factor": 5.0}}
 
@@ -58,7 +66,7 @@ def build(row: str, name: str, frames: int, crop: int, num_classes: int) -> nn.M
             from pytorchvideo.models.x3d import create_x3d
         model = create_x3d(input_clip_length=frames, input_crop_size=crop, model_num_class=num_classes,
                            head_activation=None, dropout_rate=0.0, **PTV_VARIANTS[name])
-        return model.to(memory_format=torch.channels_last_3d) if row == "pytorchvideo_cl" else model
+        return model if row == "pytorchvideo" else model.to(memory_format=torch.channels_last_3d)
     import x3d
 
     # This process only: which depthwise backward (depthwise_conv.py); "ours" times them per layer and shape.
@@ -80,6 +88,10 @@ def timed(step, seconds: float) -> float:
 
 def measure(row: str, name: str, batch: int, frames: int, crop: int, seconds: float) -> dict:
     """Training and inference clips/s of one row at one input (run in a child process)."""
+    if row not in DEFAULT_MALLOC:
+        import utils
+
+        utils.keep_freed_memory()
     torch.manual_seed(0)
     model = build(row, name, frames, crop, num_classes=400)
     layout = torch.channels_last_3d if row != "pytorchvideo" else torch.contiguous_format

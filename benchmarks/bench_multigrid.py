@@ -49,6 +49,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from utils import keep_freed_memory  # noqa: E402
 from x3d import build_model, set_bn_splits  # noqa: E402
 
 # The demo's recipe (the Makefile's DEMO_FLAGS) but the base shape: X3D-XS, demo videos 96 px on the short side
@@ -250,4 +251,5 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # the model-alone timings allocate as the training runs do
     main(get_args_parser().parse_args())
