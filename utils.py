@@ -226,9 +226,10 @@ def keep_freed_memory() -> bool:
     By default glibc serves each block above a threshold (128 KiB, raised as such blocks are freed, to 32 MiB at
     most) with its own mmap, returns it to the kernel when freed, and trims the heap's free top. A CPU training or
     inference step frees activations of many MiB and allocates them again at the next step, so the kernel zero-fills
-    every page of them again, on every step. With both thresholds raised the pages stay in the process; its peak is
-    the same, since each step reaches it anyway. Inherited by forked loader workers. Returns whether the settings
-    took (glibc only: elsewhere nothing changes).
+    every page of them again, on every step. With both thresholds raised the pages stay in the process, which then
+    holds about the peak a step reaches anyway, somewhat more where freed blocks fragment the heap (benchmarks/
+    README.md). Inherited by forked loader workers. Returns whether the settings took (glibc only: elsewhere nothing
+    changes).
     """
     if platform.libc_ver()[0] != "glibc":
         return False
