@@ -1,46 +1,56 @@
-"""Depthwise 3D convolution for X3D, with a second CPU training backward chosen per layer and input shape.
+"""Depthwise 3D convolution for X3D, with CPU training backwards of its own, chosen per layer and input shape.
 
 `DepthwiseConv3d` has exactly the parameters of `nn.Conv3d(channels, channels, k, groups=channels, bias=False)`, so
 checkpoints do not know it exists. Its forward is the ordinary convolution. CPU training has three backwards to choose
-from (BACKWARDS): ATen's; `own-input`, whose input gradient is a forward convolution and whose weight gradient is
-ATen's; and `own`, which also computes the weight gradient by kernel taps. Which is fastest depends on the CPU and on
-the shape (benchmarks/README.md), so the first training step of each layer at each input shape times them on that
-shape and keeps the fastest; `choices()` is that table, and the training scripts store it in their checkpoints so
-that a resumed run computes its gradients the same way as the run it continues (the backwards round differently).
-`X3D_DEPTHWISE_BACKWARD=own`, `=own-input` or `=aten` in the environment takes one everywhere instead (`auto`, the
-default, times them): two runs with the same seed then give the same weights. CUDA, inference anywhere and graphs
-compiled with torch.compile run ATen's convolution.
+from (BACKWARDS): ATen's (oneDNN's); `own-input`, whose input gradient is its own and whose weight gradient is ATen's;
+and `own`, whose gradients are both its own. The own input gradient of a stride-1 layer is a forward convolution with
+the flipped kernel; the own gradients of float32 tensors are otherwise computed by depthwise_conv.c, which this module
+compiles at first use with the system's C compiler ($CC, else cc) for the CPU it runs on and calls through ctypes.
+Without a compiler, strided layers take ATen's input gradient and the own weight gradient runs as PyTorch operations,
+one product and sum per kernel tap (slower; a warning says so).
+
+Which backward is fastest depends on the CPU and on the shape (benchmarks/README.md), so the first training step of
+each layer at each input shape times them on that shape and keeps the fastest; `choices()` is that table, and the
+training scripts store it in their checkpoints so that a resumed run computes its gradients the same way as the run
+it continues (the backwards round differently). `X3D_DEPTHWISE_BACKWARD=own`, `=own-input` or `=aten` in the
+environment takes one everywhere instead (`auto`, the default, times them): two runs with the same seed then give the
+same weights. CUDA, inference anywhere and graphs compiled with torch.compile run ATen's convolution.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import os
+import subprocess
+import tempfile
 import time
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# own: input gradient as a forward convolution, weight gradient by kernel taps; own-input: the same input gradient,
-# ATen's weight gradient; aten: ATen's backward
+# own: own input and weight gradients; own-input: own input gradient, ATen's weight gradient; aten: ATen's backward
 BACKWARDS = ("own", "own-input", "aten")
 MODES = ("auto", *BACKWARDS)
 TIMING_ROUNDS = 3  # per backward, after one warm-up round; the fastest round counts
 
 _choices: dict[str, str] = {}  # layer-and-input key -> one of BACKWARDS
+use_native = True  # False: never depthwise_conv.c (the PyTorch fallbacks, as without a C compiler)
 
 
 class _DepthwiseConv3dFunction(torch.autograd.Function):
-    """Depthwise conv3d whose input gradient avoids ATen's depthwise input backward.
+    """Depthwise conv3d with the own input gradient and, with `own_weight`, the own weight gradient.
 
     Forward is the ordinary convolution. The input gradient of a stride-1 layer is a forward convolution of the output
-    gradient with the flipped kernel, which oneDNN runs several times faster than ATen's depthwise input backward;
-    strided layers keep ATen's. The weight gradient is ATen's (asked for alone) or, with `own_weight`, a sum over the
-    kernel taps of the gradient times the matching shifted input, in channels-last order so that the channel
-    dimension is contiguous: which of the two is faster depends on the shape (many clips of few pixels favour the
-    taps). The gradients equal ATen's (tests/test_x3d.py).
+    gradient with the flipped kernel, which oneDNN runs several times faster than ATen's depthwise input backward; a
+    strided layer's comes from depthwise_conv.c (ATen's without it). The own weight gradient is depthwise_conv.c's, or
+    without it a sum over the kernel taps of the gradient times the matching shifted input, in channels-last order so
+    that the channel dimension is contiguous. The gradients equal ATen's (tests/test_x3d.py).
     """
 
     @staticmethod
@@ -57,8 +67,10 @@ class _DepthwiseConv3dFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         stride, padding, channels = ctx.stride, ctx.padding, weight.shape[0]
         grad = grad.contiguous(memory_format=torch.channels_last_3d)
+        native = _native() if use_native and x.dtype == grad.dtype == torch.float32 else None
         flipped_padding = tuple(k - 1 - p for k, p in zip(weight.shape[2:], padding))
-        own_input = ctx.needs_input_grad[0] and all(s == 1 for s in stride) and min(flipped_padding) >= 0
+        as_forward = all(s == 1 for s in stride) and min(flipped_padding) >= 0  # input gradient = forward convolution
+        own_input = ctx.needs_input_grad[0] and (as_forward or native is not None)
         own_weight = ctx.needs_input_grad[1] and ctx.own_weight
         mask = [ctx.needs_input_grad[0] and not own_input, ctx.needs_input_grad[1] and not own_weight, False]
         grad_input = grad_weight = None
@@ -67,19 +79,68 @@ class _DepthwiseConv3dFunction(torch.autograd.Function):
             grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
                 grad, x.to(grad.dtype), weight.to(grad.dtype), None, list(stride), list(padding), [1, 1, 1], False,
                 [0, 0, 0], channels, mask)
-        if own_input:
+        if own_input and as_forward:
             grad_input = F.conv3d(grad, weight.flip(2, 3, 4).to(grad.dtype), None, 1, flipped_padding, 1, channels)
-        if own_weight:
-            (pt, ph, pw), (st, sh, sw) = padding, stride
-            padded = F.pad(x.permute(0, 2, 3, 4, 1), (0, 0, pw, pw, ph, ph, pt, pt))  # (N, T, H, W, C)
-            g = grad.permute(0, 2, 3, 4, 1)
-            t, h, w = g.shape[1:4]
-            kt, kh, kw = weight.shape[2:]
-            taps = [(padded[:, a:a + st * (t - 1) + 1:st, b:b + sh * (h - 1) + 1:sh, d:d + sw * (w - 1) + 1:sw] * g)
-                    .sum((0, 1, 2, 3)) for a in range(kt) for b in range(kh) for d in range(kw)]
-            grad_weight = torch.stack(taps, 1).view_as(weight)
+        elif own_input:
+            grad_input = torch.empty(x.shape, dtype=x.dtype, memory_format=torch.channels_last_3d)
+            weight_kc = weight.detach().reshape(channels, -1).t().contiguous()  # (taps, C): channels contiguous
+            _call(native.depthwise_input_grad, grad, weight_kc, grad_input, x.shape, grad.shape, weight.shape, stride,
+                  padding)
+        if own_weight and native is not None:
+            grad_weight = torch.empty(weight.shape, dtype=weight.dtype)
+            _call(native.depthwise_weight_grad, x.contiguous(memory_format=torch.channels_last_3d), grad, grad_weight,
+                  x.shape, grad.shape, weight.shape, stride, padding)
+        elif own_weight:
+            grad_weight = _weight_grad_by_taps(x, grad, weight.shape, stride, padding)
         return (None if grad_input is None else grad_input.to(x.dtype),
                 None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None)
+
+
+def _weight_grad_by_taps(x: torch.Tensor, grad: torch.Tensor, shape: torch.Size, stride: tuple[int, ...],
+                         padding: tuple[int, ...]) -> torch.Tensor:
+    """The weight gradient in PyTorch: per kernel tap, the output gradient times the shifted input, summed."""
+    (pt, ph, pw), (st, sh, sw) = padding, stride
+    padded = F.pad(x.permute(0, 2, 3, 4, 1), (0, 0, pw, pw, ph, ph, pt, pt))  # (N, T, H, W, C)
+    g = grad.permute(0, 2, 3, 4, 1)
+    t, h, w = g.shape[1:4]
+    kt, kh, kw = shape[2:]
+    taps = [(padded[:, a:a + st * (t - 1) + 1:st, b:b + sh * (h - 1) + 1:sh, d:d + sw * (w - 1) + 1:sw] * g)
+            .sum((0, 1, 2, 3)) for a in range(kt) for b in range(kh) for d in range(kw)]
+    return torch.stack(taps, 1).view(shape)
+
+
+def _call(function: Any, first: torch.Tensor, second: torch.Tensor, out: torch.Tensor, x_shape: torch.Size,
+          grad_shape: torch.Size, weight_shape: torch.Size, stride: tuple[int, ...], padding: tuple[int, ...]) -> None:
+    """Run one of depthwise_conv.c's functions on dense float32 tensors (channels-last activations)."""
+    if function(first.data_ptr(), second.data_ptr(), out.data_ptr(), *x_shape, *grad_shape[2:], *weight_shape[2:],
+                *stride, *padding, torch.get_num_threads()) != 0:
+        raise MemoryError(f"depthwise_conv.c: out of memory in {function.__name__}")
+
+
+@functools.cache
+def _native() -> ctypes.CDLL | None:
+    """depthwise_conv.c, compiled now for this CPU ($CC, else cc) and loaded; None where it does not build (a warning
+    says so, once)."""
+    compiler = os.environ.get("CC") or "cc"
+    command = [compiler, "-O3", "-shared", "-fPIC", "-pthread", str(Path(__file__).with_name("depthwise_conv.c"))]
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "depthwise_conv.so")
+        for flags in (["-march=native"], []):  # not every compiler takes -march=native
+            try:
+                result = subprocess.run([*command, *flags, "-o", path], capture_output=True, text=True, timeout=300)
+            except (OSError, subprocess.SubprocessError) as error:
+                problem = str(error)
+                break
+            if result.returncode == 0:
+                library = ctypes.CDLL(path)  # stays mapped once the file is gone
+                for function in (library.depthwise_weight_grad, library.depthwise_input_grad):
+                    function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 8 + [ctypes.c_int] * 10
+                    function.restype = ctypes.c_int
+                return library
+            problem = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+    warnings.warn(f"depthwise_conv.c did not build with {compiler!r} ({problem}); the depthwise convolutions' own "
+                  "backward runs in PyTorch, slower", stacklevel=2)
+    return None
 
 
 class DepthwiseConv3d(nn.Conv3d):

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import socket
 import warnings
 from pathlib import Path
@@ -158,6 +159,45 @@ def test_depthwise_conv_gradients_equal_aten(kernel, stride, padding, channels_l
     assert torch.autograd.gradcheck(lambda a: conv(a), x[:1, :, :3, :5, :5].clone().requires_grad_())
     with torch.no_grad():  # inference takes the ordinary convolution
         torch.testing.assert_close(conv(x), ref(x))
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler")
+@pytest.mark.parametrize("kernel, stride, padding, shape", [
+    (3, (1, 1, 1), 1, (3, 12, 5, 9, 11)), (3, (1, 2, 2), 1, (3, 12, 5, 9, 11)),
+    ((5, 1, 1), 1, (2, 0, 0), (2, 9, 6, 5, 4)), ((3, 2, 3), (2, 2, 3), (0, 1, 2), (2, 5, 7, 8, 10)),
+    (3, 1, 3, (1, 19, 3, 4, 4)), (3, (1, 2, 2), 1, (2, 40, 2, 3, 3))])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_depthwise_conv_c_gradients_equal_aten(kernel, stride, padding, shape, threads, monkeypatch):
+    """depthwise_conv.c (float32; built here with the system's compiler) gives ATen's gradients: strides, paddings
+    wider than the kernel's reach, even kernels, more threads than rows of some layers; so do the PyTorch fallbacks."""
+    monkeypatch.setenv("X3D_DEPTHWISE_BACKWARD", "own")
+    assert depthwise_conv._native() is not None
+    torch.manual_seed(0)
+    conv = DepthwiseConv3d(shape[1], kernel, stride=stride, padding=padding)
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last_3d)
+    upstream = torch.randn_like(F.conv3d(x, conv.weight, None, conv.stride, conv.padding, 1, shape[1]))
+    xd, wd = x.double().requires_grad_(), conv.weight.detach().double().requires_grad_()  # the reference, in float64
+    F.conv3d(xd, wd, None, conv.stride, conv.padding, 1, shape[1]).backward(upstream.double())
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    for native in (True, False):
+        monkeypatch.setattr(depthwise_conv, "use_native", native)
+        conv.weight.grad = None
+        xi = x.clone().requires_grad_()
+        y = conv(xi)
+        assert type(y.grad_fn).__name__ == "_DepthwiseConv3dFunctionBackward"
+        y.backward(upstream)
+        torch.testing.assert_close(xi.grad.double(), xd.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(conv.weight.grad.double(), wd.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_depthwise_conv_without_a_c_compiler(monkeypatch):
+    """A compiler that fails leaves the PyTorch fallbacks, with a warning that names it."""
+    monkeypatch.setenv("CC", "false")
+    with pytest.warns(UserWarning, match="depthwise_conv.c did not build with 'false'"):
+        assert depthwise_conv._native.__wrapped__() is None
+    monkeypatch.setenv("CC", "/no/such/compiler")
+    with pytest.warns(UserWarning, match="did not build with '/no/such/compiler'"):
+        assert depthwise_conv._native.__wrapped__() is None
 
 
 def test_depthwise_backward_can_be_turned_off(monkeypatch):
