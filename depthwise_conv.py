@@ -65,38 +65,58 @@ class _DepthwiseConv3dFunction(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        stride, padding, channels = ctx.stride, ctx.padding, weight.shape[0]
+        stride, padding = ctx.stride, ctx.padding
         grad = grad.contiguous(memory_format=torch.channels_last_3d)
-        native = _native() if use_native and x.dtype == grad.dtype == torch.float32 else None
-        flipped_padding = tuple(k - 1 - p for k, p in zip(weight.shape[2:], padding))
-        as_forward = all(s == 1 for s in stride) and min(flipped_padding) >= 0  # input gradient = forward convolution
-        own_input = ctx.needs_input_grad[0] and (as_forward or native is not None)
-        own_weight = ctx.needs_input_grad[1] and ctx.own_weight
-        mask = [ctx.needs_input_grad[0] and not own_input, ctx.needs_input_grad[1] and not own_weight, False]
-        grad_input = grad_weight = None
+        grad_input = own_input_grad(grad, weight, x, stride, padding) if ctx.needs_input_grad[0] else None
+        grad_weight = (own_weight_grad(grad, weight, x, stride, padding)
+                       if ctx.needs_input_grad[1] and ctx.own_weight else None)
+        mask = [ctx.needs_input_grad[0] and grad_input is None, ctx.needs_input_grad[1] and grad_weight is None, False]
         if any(mask):
-            # under autocast the gradient comes in the autocast dtype: ATen's backward wants one dtype throughout
-            grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
-                grad, x.to(grad.dtype), weight.to(grad.dtype), None, list(stride), list(padding), [1, 1, 1], False,
-                [0, 0, 0], channels, mask)
-        if own_input and as_forward:
-            grad_input = F.conv3d(grad, weight.flip(2, 3, 4).to(grad.dtype), None, 1, flipped_padding, 1, channels)
-        elif own_input:
-            grad_input = torch.empty(x.shape, dtype=x.dtype, memory_format=torch.channels_last_3d)
-            weight_kc = weight.detach().reshape(channels, -1).t().contiguous()  # (taps, C): channels contiguous
-            _call(native.depthwise_input_grad, grad, weight_kc, grad_input, x.shape, grad.shape, weight.shape, stride,
-                  padding)
-        if own_weight and native is not None:
-            grad_weight = torch.empty(weight.shape, dtype=weight.dtype)
-            _call(native.depthwise_weight_grad, x.contiguous(memory_format=torch.channels_last_3d), grad, grad_weight,
-                  x.shape, grad.shape, weight.shape, stride, padding)
-        elif own_weight:
-            grad_weight = _weight_grad_by_taps(x, grad, weight.shape, stride, padding)
+            grad_input, grad_weight = aten_grads(grad, weight, x, stride, padding, mask, grad_input, grad_weight)
         return (None if grad_input is None else grad_input.to(x.dtype),
                 None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None)
 
 
-def _weight_grad_by_taps(x: torch.Tensor, grad: torch.Tensor, shape: torch.Size, stride: tuple[int, ...],
+def aten_grads(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride: tuple[int, ...],
+               padding: tuple[int, ...], mask: list[bool], grad_input: torch.Tensor | None = None,
+               grad_weight: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """ATen's input and weight gradients, those `mask` asks for; the others stay as given."""
+    # under autocast the gradient comes in the autocast dtype: ATen's backward wants one dtype throughout
+    aten_input, aten_weight, _ = torch.ops.aten.convolution_backward(
+        grad, x.to(grad.dtype), weight.to(grad.dtype), None, list(stride), list(padding), [1, 1, 1], False, [0, 0, 0],
+        weight.shape[0], mask)
+    return aten_input if mask[0] else grad_input, aten_weight if mask[1] else grad_weight
+
+
+def own_input_grad(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride: tuple[int, ...],
+                   padding: tuple[int, ...]) -> torch.Tensor | None:
+    """The input gradient: at stride 1 a forward convolution of the (channels-last) output gradient with the flipped
+    kernel, else depthwise_conv.c's (float32); None where neither applies."""
+    channels, flipped_padding = weight.shape[0], tuple(k - 1 - p for k, p in zip(weight.shape[2:], padding))
+    if all(s == 1 for s in stride) and min(flipped_padding) >= 0:
+        return F.conv3d(grad, weight.flip(2, 3, 4).to(grad.dtype), None, 1, flipped_padding, 1, channels)
+    native = _native() if use_native and x.dtype == grad.dtype == weight.dtype == torch.float32 else None
+    if native is None:
+        return None
+    grad_input = torch.empty(x.shape, dtype=x.dtype, memory_format=torch.channels_last_3d)
+    weight_kc = weight.detach().reshape(channels, -1).t().contiguous()  # (taps, C): the channels contiguous
+    _call(native.depthwise_input_grad, grad, weight_kc, grad_input, x.shape, grad.shape, weight.shape, stride, padding)
+    return grad_input
+
+
+def own_weight_grad(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride: tuple[int, ...],
+                    padding: tuple[int, ...]) -> torch.Tensor:
+    """The weight gradient from the (channels-last) output gradient: depthwise_conv.c's (float32), else by taps."""
+    native = _native() if use_native and x.dtype == grad.dtype == torch.float32 else None
+    if native is None:
+        return weight_grad_by_taps(x, grad, weight.shape, stride, padding)
+    grad_weight = torch.empty(weight.shape, dtype=torch.float32)
+    _call(native.depthwise_weight_grad, x.contiguous(memory_format=torch.channels_last_3d), grad, grad_weight, x.shape,
+          grad.shape, weight.shape, stride, padding)
+    return grad_weight
+
+
+def weight_grad_by_taps(x: torch.Tensor, grad: torch.Tensor, shape: torch.Size, stride: tuple[int, ...],
                          padding: tuple[int, ...]) -> torch.Tensor:
     """The weight gradient in PyTorch: per kernel tap, the output gradient times the shifted input, summed."""
     (pt, ph, pw), (st, sh, sw) = padding, stride

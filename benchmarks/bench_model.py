@@ -3,6 +3,7 @@
     python benchmarks/bench_model.py                  # X3D-XS at 4x160 (its training input), the demo's 8x56 and 2x40
     python benchmarks/bench_model.py --seconds 10     # longer timing per row
     python benchmarks/bench_model.py --model x3d_m --inputs 2x16x224   # X3D-M at its training input
+    python benchmarks/bench_model.py --layers         # each depthwise layer's gradients, every way, timed apart
 
 Rows, each at the same input and batch, with the same SGD step:
 - PyTorchVideo 0.1.5 `create_x3d` (the reference), in the default layout and in channels_last_3d, as its users run
@@ -18,6 +19,10 @@ Each row runs in its own process, so its peak resident memory (ru_maxrss) is its
 clips/s (eval mode, no grad) as the model stands and, for x3d.py, as the evaluation runs it (BatchNorm folded into
 the convolutions, inference mode), and the peak memory. The header gives the CPU, its vector extensions and the
 GFLOP/s of a large fp32 matmul on the same threads: the machine's practical peak.
+
+`--layers` times instead, in this process, the gradients of each distinct depthwise layer of the model at each input
+(input shape, kernel, stride) every way depthwise_conv.py can compute them: ATen's input and weight gradients, each
+asked for alone, the own input gradient, and the own weight gradient in depthwise_conv.c and by taps in PyTorch.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import subprocess
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -124,6 +130,44 @@ def measure(row: str, name: str, batch: int, frames: int, crop: int, seconds: fl
     return {**out, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def layer_table(name: str, inputs: list[str]) -> None:
+    """Milliseconds of each distinct depthwise layer's gradients, every way (module docstring)."""
+    import depthwise_conv
+    import utils
+    import x3d
+
+    utils.keep_freed_memory()
+    model = x3d.to_channels_last(x3d.build_model(name, num_classes=400))
+    layers = {}  # (input shape, kernel, stride, padding) -> weight
+
+    def record(module: nn.Module, args: tuple) -> None:
+        layers.setdefault((tuple(args[0].shape), module.kernel_size, module.stride, module.padding), module.weight)
+
+    for module in model.modules():
+        if isinstance(module, depthwise_conv.DepthwiseConv3d):
+            module.register_forward_pre_hook(record)
+    with torch.no_grad():
+        for spec in inputs:
+            b, t, s = map(int, spec.split("x"))
+            model(torch.randn(b, 3, t, s, s).contiguous(memory_format=torch.channels_last_3d))
+    print("| layer input (N, C, T, H, W), kernel, stride | ATen input grad | own input grad | ATen weight grad | "
+          "own weight grad, C | own weight grad, PyTorch taps |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for (shape, kernel, stride, padding), weight in layers.items():
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last_3d)
+        out = F.conv3d(x, weight, None, stride, padding, 1, shape[1])
+        grad = torch.randn(out.shape).contiguous(memory_format=torch.channels_last_3d)
+        args = (grad, weight, x, stride, padding)
+        ways = [partial(depthwise_conv.aten_grads, *args, [True, False, False]),
+                partial(depthwise_conv.own_input_grad, *args),
+                partial(depthwise_conv.aten_grads, *args, [False, True, False]),
+                partial(depthwise_conv.own_weight_grad, *args),
+                partial(depthwise_conv.weight_grad_by_taps, x, grad, weight.shape, stride, padding)]
+        cells = [f"{1e3 * timed(way, 1.0):.2f}" if way() is not None else "–" for way in ways]
+        print(f"| {', '.join(map(str, shape))}, {'×'.join(map(str, kernel))}, {'×'.join(map(str, stride))} | "
+              f"{' | '.join(cells)} |", flush=True)
+
+
 def forward_gflops(name: str, frames: int, crop: int) -> float:
     """GFLOPs (2 per multiply-add) of one clip's forward pass."""
     import x3d
@@ -164,6 +208,8 @@ def main() -> None:
                    help="Rounds over the rows (alternating, so that a machine that slows down affects every row "
                         "alike); each figure is the median over the rounds.")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+    p.add_argument("--layers", action="store_true",
+                   help="Time each depthwise layer's gradients every way instead (module docstring).")
     p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)  # row model batch frames crop: one row, print JSON
     args = p.parse_args()
     if args.threads:
@@ -175,6 +221,9 @@ def main() -> None:
 
     print(f"{cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}; fp32 matmul {matmul_gflops():.0f} GFLOP/s")
+    if args.layers:
+        layer_table(args.model, args.inputs)
+        return
     print("| model | input (batch × T × crop) | train clips/s | train GFLOP/s | inference clips/s | "
           "inference, BN folded | peak memory |")
     print("|---|---|---:|---:|---:|---:|---:|")
