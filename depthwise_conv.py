@@ -90,8 +90,9 @@ def aten_grads(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride
 
 def own_input_grad(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride: tuple[int, ...],
                    padding: tuple[int, ...]) -> torch.Tensor | None:
-    """The input gradient: at stride 1 a forward convolution of the (channels-last) output gradient with the flipped
-    kernel, else depthwise_conv.c's (float32); None where neither applies."""
+    """The input gradient: at stride 1 a forward convolution of the output gradient with the flipped kernel, else
+    depthwise_conv.c's (float32); None where neither applies. Channels-last, as the gradient given should be."""
+    grad = grad.contiguous(memory_format=torch.channels_last_3d)  # a no-op in training: backward made it so
     channels, flipped_padding = weight.shape[0], tuple(k - 1 - p for k, p in zip(weight.shape[2:], padding))
     if all(s == 1 for s in stride) and min(flipped_padding) >= 0:
         return F.conv3d(grad, weight.flip(2, 3, 4).to(grad.dtype), None, 1, flipped_padding, 1, channels)
@@ -106,7 +107,8 @@ def own_input_grad(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, st
 
 def own_weight_grad(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride: tuple[int, ...],
                     padding: tuple[int, ...]) -> torch.Tensor:
-    """The weight gradient from the (channels-last) output gradient: depthwise_conv.c's (float32), else by taps."""
+    """The weight gradient: depthwise_conv.c's (float32), else by taps in PyTorch."""
+    grad = grad.contiguous(memory_format=torch.channels_last_3d)
     native = _native() if use_native and x.dtype == grad.dtype == torch.float32 else None
     if native is None:
         return weight_grad_by_taps(x, grad, weight.shape, stride, padding)
@@ -117,7 +119,7 @@ def own_weight_grad(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, s
 
 
 def weight_grad_by_taps(x: torch.Tensor, grad: torch.Tensor, shape: torch.Size, stride: tuple[int, ...],
-                         padding: tuple[int, ...]) -> torch.Tensor:
+                        padding: tuple[int, ...]) -> torch.Tensor:
     """The weight gradient in PyTorch: per kernel tap, the output gradient times the shifted input, summed."""
     (pt, ph, pw), (st, sh, sw) = padding, stride
     padded = F.pad(x.permute(0, 2, 3, 4, 1), (0, 0, pw, pw, ph, ph, pt, pt))  # (N, T, H, W, C)

@@ -188,6 +188,11 @@ def test_depthwise_conv_c_gradients_equal_aten(kernel, stride, padding, shape, t
         y.backward(upstream)
         torch.testing.assert_close(xi.grad.double(), xd.grad, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(conv.weight.grad.double(), wd.grad, rtol=1e-5, atol=1e-4)
+        # called on tensors in the default layout, the gradients come out the same
+        args = (upstream.contiguous(), conv.weight, x.contiguous(), conv.stride, conv.padding)
+        torch.testing.assert_close(depthwise_conv.own_weight_grad(*args).double(), wd.grad, rtol=1e-5, atol=1e-4)
+        if (grad_input := depthwise_conv.own_input_grad(*args)) is not None:
+            torch.testing.assert_close(grad_input.double(), xd.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_depthwise_conv_without_a_c_compiler(monkeypatch):
