@@ -141,7 +141,8 @@ def layer_table(name: str, inputs: list[str]) -> None:
     layers = {}  # (input shape, kernel, stride, padding) -> weight
 
     def record(module: nn.Module, args: tuple) -> None:
-        layers.setdefault((tuple(args[0].shape), module.kernel_size, module.stride, module.padding), module.weight)
+        layers.setdefault((tuple(args[0].shape), module.kernel_size, module.stride, module.padding),
+                          module.weight.detach())
 
     for module in model.modules():
         if isinstance(module, depthwise_conv.DepthwiseConv3d):
