@@ -109,6 +109,11 @@ static int run(void *(*worker)(void *), job_t *jobs, int threads) {
     return 0;
 }
 
+/* At least one thread, and no more than there are rows. */
+static int thread_count(int threads, int64_t rows) {
+    return threads < 1 || rows < 1 ? 1 : threads > rows ? (int)rows : threads;
+}
+
 static job_t *make_jobs(int threads, int64_t rows, job_t job) {
     job_t *jobs = calloc((size_t)threads, sizeof(job_t));
     for (int i = 0; jobs && i < threads; i++) {
@@ -122,7 +127,7 @@ int depthwise_weight_grad(const float *x, const float *g, float *grad_w, int64_t
                           int64_t W, int64_t To, int64_t Ho, int64_t Wo, int kt, int kh, int kw, int st, int sh,
                           int sw, int pt, int ph, int pw, int threads) {
     const int64_t K = (int64_t)kt * kh * kw, rows = N * To * Ho;
-    threads = threads < 1 ? 1 : threads > rows ? (int)(rows > 0 ? rows : 1) : threads;
+    threads = thread_count(threads, rows);
     float *sums = calloc((size_t)(threads * K * C), sizeof(float));
     job_t *jobs = make_jobs(threads, rows, (job_t){x, g, NULL, NULL, 0, 0, T, H, W, C, To, Ho, Wo,
                                                    kt, kh, kw, st, sh, sw, pt, ph, pw});
@@ -143,7 +148,7 @@ int depthwise_input_grad(const float *g, const float *weight_kc, float *grad_x, 
                          int64_t H, int64_t W, int64_t To, int64_t Ho, int64_t Wo, int kt, int kh, int kw, int st,
                          int sh, int sw, int pt, int ph, int pw, int threads) {
     const int64_t rows = N * T * H;
-    threads = threads < 1 ? 1 : threads > rows ? (int)(rows > 0 ? rows : 1) : threads;
+    threads = thread_count(threads, rows);
     job_t *jobs = make_jobs(threads, rows, (job_t){NULL, g, weight_kc, grad_x, 0, 0, T, H, W, C, To, Ho, Wo,
                                                    kt, kh, kw, st, sh, sw, pt, ph, pw});
     int status = jobs ? run(input_grad_rows, jobs, threads) : -1;

@@ -96,7 +96,7 @@ def own_input_grad(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, st
     channels, flipped_padding = weight.shape[0], tuple(k - 1 - p for k, p in zip(weight.shape[2:], padding))
     if all(s == 1 for s in stride) and min(flipped_padding) >= 0:
         return F.conv3d(grad, weight.flip(2, 3, 4).to(grad.dtype), None, 1, flipped_padding, 1, channels)
-    native = _native() if use_native and x.dtype == grad.dtype == weight.dtype == torch.float32 else None
+    native = _native_for(x, grad, weight)
     if native is None:
         return None
     grad_input = torch.empty(x.shape, dtype=x.dtype, memory_format=torch.channels_last_3d)
@@ -109,7 +109,7 @@ def own_weight_grad(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, s
                     padding: tuple[int, ...]) -> torch.Tensor:
     """The weight gradient: depthwise_conv.c's (float32), else by taps in PyTorch."""
     grad = grad.contiguous(memory_format=torch.channels_last_3d)
-    native = _native() if use_native and x.dtype == grad.dtype == torch.float32 else None
+    native = _native_for(x, grad)
     if native is None:
         return weight_grad_by_taps(x, grad, weight.shape, stride, padding)
     grad_weight = torch.empty(weight.shape, dtype=torch.float32)
@@ -137,6 +137,11 @@ def _call(function: Any, first: torch.Tensor, second: torch.Tensor, out: torch.T
     if function(first.data_ptr(), second.data_ptr(), out.data_ptr(), *x_shape, *grad_shape[2:], *weight_shape[2:],
                 *stride, *padding, torch.get_num_threads()) != 0:
         raise MemoryError(f"depthwise_conv.c: out of memory in {function.__name__}")
+
+
+def _native_for(*tensors: torch.Tensor) -> ctypes.CDLL | None:
+    """depthwise_conv.c where it is in use and built and the tensors are float32 (all it computes), else None."""
+    return _native() if use_native and all(t.dtype == torch.float32 for t in tensors) else None
 
 
 @functools.cache
