@@ -15,12 +15,11 @@
  * each thread its own rows of grad_x. PyTorch's product and sum per tap over the whole tensors read and write the
  * activations about 4 x 27 times; these read each about once.
  *
- * depthwise_conv.py builds this file at first use with the system's C compiler and calls it through ctypes.
+ * native.py builds this file at first use with the system's C compiler and depthwise_conv.py calls it through ctypes.
  */
-#include <pthread.h>
-#include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
+
+#include "parallel.h"
 
 typedef struct {
     const float *x, *g, *w; /* x and g, or g and the (K, C) weight */
@@ -96,29 +95,11 @@ static void *input_grad_rows(void *arg) {
     return NULL;
 }
 
-/* Runs worker on jobs[0..threads), each on a thread of its own (job 0 on the caller's); 0, or -1 out of memory. */
-static int run(void *(*worker)(void *), job_t *jobs, int threads) {
-    pthread_t *ids = calloc((size_t)threads, sizeof(pthread_t));
-    if (!ids) return -1;
-    int started = 1;
-    while (started < threads && pthread_create(&ids[started], NULL, worker, &jobs[started]) == 0) started++;
-    for (int i = started; i < threads; i++) worker(&jobs[i]); /* any thread that could not start */
-    worker(&jobs[0]);
-    for (int i = 1; i < started; i++) pthread_join(ids[i], NULL);
-    free(ids);
-    return 0;
-}
-
-/* At least one thread, and no more than there are rows. */
-static int thread_count(int threads, int64_t rows) {
-    return threads < 1 || rows < 1 ? 1 : threads > rows ? (int)rows : threads;
-}
-
 static job_t *make_jobs(int threads, int64_t rows, job_t job) {
     job_t *jobs = calloc((size_t)threads, sizeof(job_t));
     for (int i = 0; jobs && i < threads; i++) {
         jobs[i] = job;
-        jobs[i].row0 = rows * i / threads, jobs[i].row1 = rows * (i + 1) / threads;
+        share(rows, i, threads, &jobs[i].row0, &jobs[i].row1);
     }
     return jobs;
 }
@@ -127,13 +108,13 @@ int depthwise_weight_grad(const float *x, const float *g, float *grad_w, int64_t
                           int64_t W, int64_t To, int64_t Ho, int64_t Wo, int kt, int kh, int kw, int st, int sh,
                           int sw, int pt, int ph, int pw, int threads) {
     const int64_t K = (int64_t)kt * kh * kw, rows = N * To * Ho;
-    threads = thread_count(threads, rows);
+    threads = thread_count(threads, rows, 1);
     float *sums = calloc((size_t)(threads * K * C), sizeof(float));
     job_t *jobs = make_jobs(threads, rows, (job_t){x, g, NULL, NULL, 0, 0, T, H, W, C, To, Ho, Wo,
                                                    kt, kh, kw, st, sh, sw, pt, ph, pw});
     int status = sums && jobs ? 0 : -1;
     for (int i = 0; status == 0 && i < threads; i++) jobs[i].out = sums + i * K * C;
-    if (status == 0) status = run(weight_grad_rows, jobs, threads);
+    if (status == 0) status = run(weight_grad_rows, jobs, sizeof(job_t), threads);
     for (int64_t c = 0; status == 0 && c < C; c++)
         for (int64_t k = 0; k < K; k++) {
             float total = 0;
@@ -148,10 +129,10 @@ int depthwise_input_grad(const float *g, const float *weight_kc, float *grad_x, 
                          int64_t H, int64_t W, int64_t To, int64_t Ho, int64_t Wo, int kt, int kh, int kw, int st,
                          int sh, int sw, int pt, int ph, int pw, int threads) {
     const int64_t rows = N * T * H;
-    threads = thread_count(threads, rows);
+    threads = thread_count(threads, rows, 1);
     job_t *jobs = make_jobs(threads, rows, (job_t){NULL, g, weight_kc, grad_x, 0, 0, T, H, W, C, To, Ho, Wo,
                                                    kt, kh, kw, st, sh, sw, pt, ph, pw});
-    int status = jobs ? run(input_grad_rows, jobs, threads) : -1;
+    int status = jobs ? run(input_grad_rows, jobs, sizeof(job_t), threads) : -1;
     free(jobs);
     return status;
 }

@@ -4,10 +4,10 @@
 checkpoints do not know it exists. Its forward is the ordinary convolution. CPU training has three backwards to choose
 from (BACKWARDS): ATen's (oneDNN's); `own-input`, whose input gradient is its own and whose weight gradient is ATen's;
 and `own`, whose gradients are both its own. The own input gradient of a stride-1 layer is a forward convolution with
-the flipped kernel; the own gradients of float32 tensors are otherwise computed by depthwise_conv.c, which this module
-compiles at first use with the system's C compiler ($CC, else cc) for the CPU it runs on and calls through ctypes.
-Without a compiler, strided layers take ATen's input gradient and the own weight gradient runs as PyTorch operations,
-one product and sum per kernel tap (slower; a warning says so).
+the flipped kernel; the own gradients of float32 tensors are otherwise computed by depthwise_conv.c, which native.py
+compiles at first use with the system's C compiler for the CPU it runs on. Without a compiler, strided layers take
+ATen's input gradient and the own weight gradient runs as PyTorch operations, one product and sum per kernel tap
+(slower; a warning says so).
 
 Which backward is fastest depends on the CPU and on the shape (benchmarks/README.md), so the first training step of
 each layer at each input shape times them on that shape and keeps the fastest; `choices()` is that table, and the
@@ -19,20 +19,16 @@ same weights. CUDA, inference anywhere and graphs compiled with torch.compile ru
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import math
 import os
-import subprocess
-import tempfile
 import time
-import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import native
 
 # own: own input and weight gradients; own-input: own input gradient, ATen's weight gradient; aten: ATen's backward
 BACKWARDS = ("own", "own-input", "aten")
@@ -40,7 +36,6 @@ MODES = ("auto", *BACKWARDS)
 TIMING_ROUNDS = 3  # per backward, after one warm-up round; the fastest round counts
 
 _choices: dict[str, str] = {}  # layer-and-input key -> one of BACKWARDS
-use_native = True  # False: never depthwise_conv.c (the PyTorch fallbacks, as without a C compiler)
 
 
 class _DepthwiseConv3dFunction(torch.autograd.Function):
@@ -96,12 +91,12 @@ def own_input_grad(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, st
     channels, flipped_padding = weight.shape[0], tuple(k - 1 - p for k, p in zip(weight.shape[2:], padding))
     if all(s == 1 for s in stride) and min(flipped_padding) >= 0:
         return F.conv3d(grad, weight.flip(2, 3, 4).to(grad.dtype), None, 1, flipped_padding, 1, channels)
-    native = _native_for(x, grad, weight)
-    if native is None:
+    library = native.library_for(x, grad, weight)
+    if library is None:
         return None
     grad_input = torch.empty(x.shape, dtype=x.dtype, memory_format=torch.channels_last_3d)
     weight_kc = weight.detach().reshape(channels, -1).t().contiguous()  # (taps, C): the channels contiguous
-    _call(native.depthwise_input_grad, grad, weight_kc, grad_input, x.shape, grad.shape, weight.shape, stride, padding)
+    _call(library.depthwise_input_grad, grad, weight_kc, grad_input, x.shape, grad.shape, weight.shape, stride, padding)
     return grad_input
 
 
@@ -109,11 +104,11 @@ def own_weight_grad(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, s
                     padding: tuple[int, ...]) -> torch.Tensor:
     """The weight gradient: depthwise_conv.c's (float32), else by taps in PyTorch."""
     grad = grad.contiguous(memory_format=torch.channels_last_3d)
-    native = _native_for(x, grad)
-    if native is None:
+    library = native.library_for(x, grad)
+    if library is None:
         return weight_grad_by_taps(x, grad, weight.shape, stride, padding)
     grad_weight = torch.empty(weight.shape, dtype=torch.float32)
-    _call(native.depthwise_weight_grad, x.contiguous(memory_format=torch.channels_last_3d), grad, grad_weight, x.shape,
+    _call(library.depthwise_weight_grad, x.contiguous(memory_format=torch.channels_last_3d), grad, grad_weight, x.shape,
           grad.shape, weight.shape, stride, padding)
     return grad_weight
 
@@ -134,40 +129,8 @@ def weight_grad_by_taps(x: torch.Tensor, grad: torch.Tensor, shape: torch.Size, 
 def _call(function: Any, first: torch.Tensor, second: torch.Tensor, out: torch.Tensor, x_shape: torch.Size,
           grad_shape: torch.Size, weight_shape: torch.Size, stride: tuple[int, ...], padding: tuple[int, ...]) -> None:
     """Run one of depthwise_conv.c's functions on dense float32 tensors (channels-last activations)."""
-    if function(first.data_ptr(), second.data_ptr(), out.data_ptr(), *x_shape, *grad_shape[2:], *weight_shape[2:],
-                *stride, *padding, torch.get_num_threads()) != 0:
-        raise MemoryError(f"depthwise_conv.c: out of memory in {function.__name__}")
-
-
-def _native_for(*tensors: torch.Tensor) -> ctypes.CDLL | None:
-    """depthwise_conv.c where it is in use and built and the tensors are float32 (all it computes), else None."""
-    return _native() if use_native and all(t.dtype == torch.float32 for t in tensors) else None
-
-
-@functools.cache
-def _native() -> ctypes.CDLL | None:
-    """depthwise_conv.c, compiled now for this CPU ($CC, else cc) and loaded; None where it does not build (a warning
-    says so, once)."""
-    compiler = os.environ.get("CC") or "cc"
-    command = [compiler, "-O3", "-shared", "-fPIC", "-pthread", str(Path(__file__).with_name("depthwise_conv.c"))]
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "depthwise_conv.so")
-        for flags in (["-march=native"], []):  # not every compiler takes -march=native
-            try:
-                result = subprocess.run([*command, *flags, "-o", path], capture_output=True, text=True, timeout=300)
-            except (OSError, subprocess.SubprocessError) as error:
-                problem = str(error)
-                break
-            if result.returncode == 0:
-                library = ctypes.CDLL(path)  # stays mapped once the file is gone
-                for function in (library.depthwise_weight_grad, library.depthwise_input_grad):
-                    function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 8 + [ctypes.c_int] * 10
-                    function.restype = ctypes.c_int
-                return library
-            problem = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
-    warnings.warn(f"depthwise_conv.c did not build with {compiler!r} ({problem}); the depthwise convolutions' own "
-                  "backward runs in PyTorch, slower", stacklevel=2)
-    return None
+    native.call(function, first.data_ptr(), second.data_ptr(), out.data_ptr(), *x_shape, *grad_shape[2:],
+                *weight_shape[2:], *stride, *padding, torch.get_num_threads())
 
 
 class DepthwiseConv3d(nn.Conv3d):

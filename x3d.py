@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+import batch_norm
 from depthwise_conv import DepthwiseConv3d
 
 logger = logging.getLogger(__name__)
@@ -172,58 +173,6 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return grad_input.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), *(None,) * 5
 
 
-def _dense_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last_3d for a channels-last input, else the default layout: either way a slice of the batch is dense."""
-    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
-class _GroupedBatchNormFunction(torch.autograd.Function):
-    """Training batch norm of k runs of N/k consecutive clips, each with its own statistics, in the input's layout.
-
-    Run g is the slice x[g*N/k : (g+1)*N/k], dense in both layouts, so each run is one batch_norm kernel call that
-    reads the input and writes its slice of the output where they lie (ATen's `out=` variants); the running
-    statistics of run g are entries g*C .. g*C + C - 1 of the group-major buffers. Reshaping the batch to
-    (N/k, k*C, T, H, W) instead, one batch_norm over k*C channels (PySlowFast's split_bn), copies a channels-last
-    input to that layout and back, forward and backward, and was measured slower on CPU (benchmarks/README.md).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, split_mean: torch.Tensor,
-                split_var: torch.Tensor, k: int, momentum: float, eps: float) -> torch.Tensor:
-        fmt = _dense_format(x)
-        x = x.contiguous(memory_format=fmt)
-        n, c = x.shape[:2]
-        m = n // k
-        out = torch.empty_like(x, memory_format=fmt)
-        # batch_norm keeps its statistics in float32 for half-precision inputs
-        saved = [x.new_empty(k, c, dtype=torch.promote_types(x.dtype, torch.float32)) for _ in range(2)]
-        for g in range(k):
-            rows, chans = slice(g * m, (g + 1) * m), slice(g * c, (g + 1) * c)
-            torch.ops.aten.native_batch_norm.out(x[rows], weight, bias, split_mean[chans], split_var[chans], True,
-                                                 momentum, eps, out=out[rows], save_mean=saved[0][g],
-                                                 save_invstd=saved[1][g])
-        ctx.save_for_backward(x, weight, *saved)
-        ctx.k, ctx.eps, ctx.fmt = k, eps, fmt
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, save_mean, save_invstd = ctx.saved_tensors
-        n, c = x.shape[:2]
-        m = n // ctx.k
-        grad = grad.contiguous(memory_format=ctx.fmt)
-        grad_input = torch.empty_like(x, memory_format=ctx.fmt)
-        grad_weight, grad_bias = weight.new_empty(ctx.k, c), weight.new_empty(ctx.k, c)
-        for g in range(ctx.k):
-            rows = slice(g * m, (g + 1) * m)
-            torch.ops.aten.native_batch_norm_backward.out(
-                grad[rows], x[rows], weight, None, None, save_mean[g], save_invstd[g], True, ctx.eps,
-                [True, True, True], out0=grad_input[rows], out1=grad_weight[g], out2=grad_bias[g])
-        return grad_input, grad_weight.sum(0), grad_bias.sum(0), *(None,) * 5
-
-
 def _fold_before_save(module: SubBatchNorm3d, prefix: str, keep_vars: bool) -> None:
     module.aggregate_stats()
 
@@ -240,15 +189,16 @@ class SubBatchNorm3d(nn.BatchNorm3d):
     """BatchNorm3d that, in training, normalises k groups of the batch separately, or the batches of several ranks
     together (synchronised BN).
 
-    Group g is the run of clips g*N/k .. (g+1)*N/k - 1 (_GroupedBatchNormFunction); X3D.forward orders its batch so
-    that clip i lands in group i mod k, as in PySlowFast.
+    Group g is the run of clips g*N/k .. (g+1)*N/k - 1 (batch_norm.py, which trains float32 channels-last CPU inputs
+    in C, any k, and others with ATen's kernels); X3D.forward orders its batch so that clip i lands in group i mod k,
+    as in PySlowFast.
 
     Parameters and state-dict keys are those of a plain BatchNorm3d, so saved weights never depend on k. The per-group
     running statistics live in non-persistent buffers of length k*C (group-major, as PySlowFast's split_bn) and are
     folded into running_mean/var (law of total variance) on eval(), in state_dict() and before any eval forward, so
     evaluation never reads stale statistics. Folding restarts every group from the pooled statistics, which is also what
     loading does, so a model resumed from a checkpoint continues exactly like one that never stopped. With k = 1 the
-    layer is exactly nn.BatchNorm3d.
+    layer is nn.BatchNorm3d (exactly, where batch_norm.c does not train it).
 
     With a process group (k = 1), training normalises over the union of the group's batches (see
     _SyncBatchNormFunction); evaluation is unchanged, and the group is not part of the state.
@@ -337,7 +287,7 @@ class SubBatchNorm3d(nn.BatchNorm3d):
             momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
             return _SyncBatchNormFunction.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
                                                 momentum, self.eps, self.process_group)
-        if not self.training or k == 1:
+        if not self.training or (k == 1 and not batch_norm.in_c(x, self.weight, self.bias)):
             self.aggregate_stats()  # no-op unless training updated the groups since the last fold
             return super().forward(x)
         if x.shape[0] % k:
@@ -346,9 +296,10 @@ class SubBatchNorm3d(nn.BatchNorm3d):
                 f"use a per-device batch size divisible by {k}, or change the split count with x3d.set_bn_splits()")
         self.num_batches_tracked.add_(1)
         momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        self.split_stats_fresh = True
-        return _GroupedBatchNormFunction.apply(x, self.weight, self.bias, self.split_mean, self.split_var, k, momentum,
-                                               self.eps)
+        if k > 1:
+            self.split_stats_fresh = True
+            return batch_norm.train(x, self.weight, self.bias, self.split_mean, self.split_var, k, momentum, self.eps)
+        return batch_norm.train(x, self.weight, self.bias, self.running_mean, self.running_var, 1, momentum, self.eps)
 
     def extra_repr(self) -> str:
         sync = "" if self.process_group is None else f", sync_devices={dist.get_world_size(self.process_group)}"
@@ -504,7 +455,7 @@ class X3D(nn.Module):
         # Sub-batch BN normalises runs of N/k consecutive clips. Ordered group by group, clip i of the batch lands in
         # run i mod k: PySlowFast's groups, at the cost of reordering the input clips and the outputs.
         clips = x.unflatten(0, (-1, k)).transpose(0, 1).flatten(0, 1)
-        out = self.forward_head(self.forward_features(clips.contiguous(memory_format=_dense_format(x))))
+        out = self.forward_head(self.forward_features(clips.contiguous(memory_format=batch_norm.dense_format(x))))
         return out.unflatten(0, (k, -1)).transpose(0, 1).flatten(0, 1)
 
 

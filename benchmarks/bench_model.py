@@ -13,7 +13,8 @@ Rows, each at the same input and batch, with the same SGD step:
   forced (`aten`: ATen's; `own`: the project's; `own-input`: the project's input gradient, ATen's weight gradient),
   and as it trains (`auto`: the fastest per layer and shape, timed at the first step, which is a warm-up step here),
   all with freed memory kept, as the scripts run; as it trains with glibc's default malloc settings; and as it trains
-  on a machine without a C compiler (the own backward's PyTorch fallbacks instead of depthwise_conv.c).
+  on a machine without a C compiler (PyTorch and ATen instead of depthwise_conv.c and batch_norm.c); and as it
+  trains with ATen's batch norm instead of batch_norm.c.
 Each row runs in its own process, so its peak resident memory (ru_maxrss) is its own. Printed: training clips/s
 (forward, backward, optimizer step) and the GFLOP/s they amount to (3x the forward's FLOPs per clip), inference
 clips/s (eval mode, no grad) as the model stands and, for x3d.py, as the evaluation runs it (BatchNorm folded into
@@ -53,7 +54,8 @@ ROWS = {
     "pytorchvideo_cl": "PyTorchVideo create_x3d, channels_last_3d",
     "pytorchvideo_cl_kept": "PyTorchVideo create_x3d, channels_last_3d, freed memory kept",
     "ours_malloc_default": "x3d.py as trained, glibc's default malloc",
-    "ours_no_c": "x3d.py as trained, without depthwise_conv.c (no C compiler)",
+    "ours_no_c": "x3d.py as trained, without the C kernels (no C compiler)",
+    "ours_aten_bn": "x3d.py as trained, ATen's batch norm",
     "ours_aten": "x3d.py, ATen depthwise backward",
     "ours_own": "x3d.py, own depthwise backward",
     "ours_own_input": "x3d.py, own input gradient, ATen weight gradient",
@@ -75,10 +77,13 @@ def build(row: str, name: str, frames: int, crop: int, num_classes: int) -> nn.M
         model = create_x3d(input_clip_length=frames, input_crop_size=crop, model_num_class=num_classes,
                            head_activation=None, dropout_rate=0.0, **PTV_VARIANTS[name])
         return model if row == "pytorchvideo" else model.to(memory_format=torch.channels_last_3d)
-    import depthwise_conv
+    import batch_norm
+    import native
     import x3d
 
-    depthwise_conv.use_native = row != "ours_no_c"
+    native.enabled = row != "ours_no_c"
+    if row == "ours_aten_bn":  # this process only: batch norm in ATen's kernels, the depthwise gradients still in C
+        batch_norm.in_c = lambda *tensors: False
     # This process only: which depthwise backward (depthwise_conv.py); "ours" times them per layer and shape.
     os.environ["X3D_DEPTHWISE_BACKWARD"] = {"ours_aten": "aten", "ours_own": "own",
                                             "ours_own_input": "own-input"}.get(row, "auto")

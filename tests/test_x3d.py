@@ -20,13 +20,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 
+import batch_norm
 import depthwise_conv
+import native
 from x3d import (
     MODELS,
     DepthwiseConv3d,
     SubBatchNorm3d,
     Swish,
-    _GroupedBatchNormFunction,
     aggregate_sub_bn_stats,
     build_model,
     build_model_from_cfg,
@@ -171,7 +172,7 @@ def test_depthwise_conv_c_gradients_equal_aten(kernel, stride, padding, shape, t
     """depthwise_conv.c (float32; built here with the system's compiler) gives ATen's gradients: strides, paddings
     wider than the kernel's reach, even kernels, more threads than rows of some layers; so do the PyTorch fallbacks."""
     monkeypatch.setenv("X3D_DEPTHWISE_BACKWARD", "own")
-    assert depthwise_conv._native() is not None
+    assert native.library() is not None
     torch.manual_seed(0)
     conv = DepthwiseConv3d(shape[1], kernel, stride=stride, padding=padding)
     x = torch.randn(shape).contiguous(memory_format=torch.channels_last_3d)
@@ -179,8 +180,8 @@ def test_depthwise_conv_c_gradients_equal_aten(kernel, stride, padding, shape, t
     xd, wd = x.double().requires_grad_(), conv.weight.detach().double().requires_grad_()  # the reference, in float64
     F.conv3d(xd, wd, None, conv.stride, conv.padding, 1, shape[1]).backward(upstream.double())
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    for native in (True, False):
-        monkeypatch.setattr(depthwise_conv, "use_native", native)
+    for in_c in (True, False):
+        monkeypatch.setattr(native, "enabled", in_c)
         conv.weight.grad = None
         xi = x.clone().requires_grad_()
         y = conv(xi)
@@ -195,14 +196,14 @@ def test_depthwise_conv_c_gradients_equal_aten(kernel, stride, padding, shape, t
             torch.testing.assert_close(grad_input.double(), xd.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_depthwise_conv_without_a_c_compiler(monkeypatch):
-    """A compiler that fails leaves the PyTorch fallbacks, with a warning that names it."""
+def test_c_kernels_without_a_c_compiler(monkeypatch):
+    """A compiler that fails leaves the PyTorch paths, with a warning that names it."""
     monkeypatch.setenv("CC", "false")
-    with pytest.warns(UserWarning, match="depthwise_conv.c did not build with 'false'"):
-        assert depthwise_conv._native.__wrapped__() is None
+    with pytest.warns(UserWarning, match=r"\(depthwise_conv.c, batch_norm.c\) did not build with 'false'"):
+        assert native.library.__wrapped__() is None
     monkeypatch.setenv("CC", "/no/such/compiler")
     with pytest.warns(UserWarning, match="did not build with '/no/such/compiler'"):
-        assert depthwise_conv._native.__wrapped__() is None
+        assert native.library.__wrapped__() is None
 
 
 def test_depthwise_backward_can_be_turned_off(monkeypatch):
@@ -358,7 +359,7 @@ def test_grouped_batch_norm_gradients_and_half_precision_inputs():
 
     def grouped(x, weight, bias):
         mean, var = torch.zeros(k * c, dtype=torch.float64), torch.ones(k * c, dtype=torch.float64)
-        return _GroupedBatchNormFunction.apply(x, weight, bias, mean, var, k, 0.1, 1e-5)
+        return batch_norm._AtenFunction.apply(x, weight, bias, mean, var, k, 0.1, 1e-5)
 
     assert torch.autograd.gradcheck(grouped, (x, weight, bias))
     bn = SubBatchNorm3d(c, num_splits=k)
@@ -367,6 +368,66 @@ def test_grouped_batch_norm_gradients_and_half_precision_inputs():
     half = bn(x32.bfloat16())
     assert half.dtype == torch.bfloat16 and half.is_contiguous(memory_format=torch.channels_last_3d)
     torch.testing.assert_close(half.float(), bn(x32), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler")
+@pytest.mark.parametrize("shape, k", [((8, 6, 2, 3, 3), 1), ((8, 6, 2, 3, 3), 4), ((4, 1, 1, 2, 3), 2),
+                                      ((6, 70, 3, 5, 4), 3), ((2, 24, 4, 20, 20), 1)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_batch_norm_c_equals_float64(shape, k, threads, monkeypatch):
+    """batch_norm.c (float32, channels-last) against per-group batch norm in float64: outputs, the input, weight and
+    bias gradients, and the running statistics, with a mean far from zero (no cancellation in the variance), one to
+    70 channels, groups of one clip, more threads than some tensors are given."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    torch.manual_seed(0)
+    n, c = shape[:2]
+    spread = torch.rand(c).view(1, c, 1, 1, 1) * 3 + 0.5
+    x = (torch.randn(shape) * spread + 50).contiguous(memory_format=torch.channels_last_3d)
+    upstream = torch.randn(shape).contiguous(memory_format=torch.channels_last_3d)
+    weight, bias = (torch.rand(c) + 0.5).requires_grad_(), torch.randn(c).requires_grad_()
+    running_mean, running_var = torch.randn(k * c), torch.rand(k * c) + 0.5
+    assert batch_norm.in_c(x, weight, bias)
+    xi = x.clone().requires_grad_()
+    means, variances = running_mean.clone(), running_var.clone()
+    out = batch_norm.train(xi, weight, bias, means, variances, k, 0.1, 1e-5)
+    assert type(out.grad_fn).__name__ == "_CFunctionBackward"
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    out.backward(upstream)
+
+    xd, wd, bd = x.double().requires_grad_(), weight.detach().double().requires_grad_(), bias.detach().double()
+    bd.requires_grad_()
+    m = n // k
+    expected = torch.cat([F.batch_norm(xd[g * m:(g + 1) * m], running_mean[g * c:(g + 1) * c].double(),
+                                       running_var[g * c:(g + 1) * c].double(), wd, bd, True, 0.1, 1e-5)
+                          for g in range(k)])
+    expected.backward(upstream.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xi.grad.double(), xd.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(weight.grad.double(), wd.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bias.grad.double(), bd.grad, rtol=1e-5, atol=1e-4)
+    groups = xd.detach().view(k, m, c, -1).transpose(1, 2).reshape(k, c, -1)
+    torch.testing.assert_close(means, (0.9 * running_mean.double() + 0.1 * groups.mean(-1).flatten()).float())
+    torch.testing.assert_close(variances, (0.9 * running_var.double() + 0.1 * groups.var(-1).flatten()).float())
+
+
+def test_batch_norm_c_only_where_it_applies(monkeypatch):
+    """batch_norm.c takes float32 channels-last CPU inputs while the kernels are enabled; the rest takes ATen's
+    kernels; a group of one value per channel is refused as nn.BatchNorm3d refuses it."""
+    x = torch.randn(4, 3, 2, 2, 2)
+    weight, bias = torch.ones(3), torch.zeros(3)
+    cl = x.contiguous(memory_format=torch.channels_last_3d)
+    assert batch_norm.in_c(cl, weight, bias)
+    assert not batch_norm.in_c(x, weight, bias)  # the default layout
+    assert not batch_norm.in_c(cl.double(), weight.double(), bias.double())
+    assert not batch_norm.in_c(cl, weight.double())
+    monkeypatch.setattr(native, "enabled", False)
+    assert not batch_norm.in_c(cl, weight, bias)
+    bn = SubBatchNorm3d(3)
+    assert type(bn(cl.requires_grad_()).grad_fn).__name__ == "NativeBatchNormBackward0"
+    monkeypatch.setattr(native, "enabled", True)
+    assert type(bn(cl).grad_fn).__name__ == "_CFunctionBackward"
+    with pytest.raises(ValueError, match="more than 1 value per channel and group"):
+        bn(torch.randn(1, 3, 1, 1, 1).contiguous(memory_format=torch.channels_last_3d))
 
 
 def test_sub_bn_channels_last_input_equals_contiguous():
