@@ -42,7 +42,7 @@ class _CFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
                 running_var: torch.Tensor, k: int, momentum: float, eps: float) -> torch.Tensor:
-        n, c = x.shape[:2]
+        c = x.shape[1]
         rows = x.numel() // c
         if rows // k < 2:
             raise ValueError(f"batch norm in training needs more than 1 value per channel and group, got input of "
