@@ -298,8 +298,8 @@ class SubBatchNorm3d(nn.BatchNorm3d):
         momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
         if k > 1:
             self.split_stats_fresh = True
-            return batch_norm.train(x, self.weight, self.bias, self.split_mean, self.split_var, k, momentum, self.eps)
-        return batch_norm.train(x, self.weight, self.bias, self.running_mean, self.running_var, 1, momentum, self.eps)
+        means, variances = (self.split_mean, self.split_var) if k > 1 else (self.running_mean, self.running_var)
+        return batch_norm.train(x, self.weight, self.bias, means, variances, k, momentum, self.eps)
 
     def extra_repr(self) -> str:
         sync = "" if self.process_group is None else f", sync_devices={dist.get_world_size(self.process_group)}"
