@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 from multigrid import ClipSpec
 from transforms import MEAN, STD, short_side_resize, test_clip, train_clip
 from utils import UserError
-from video_io import VideoInfo, VideoReadError, probe, read_frames
+from video_io import Video, VideoInfo, VideoReadError, open_video, probe
 
 log = logging.getLogger(__name__)
 
@@ -211,11 +211,16 @@ class VideoClipDataset(Dataset):
         return [clip_indices(s, span, self.frames, info.num_frames) for s in starts]
 
     # -- training ------------------------------------------------------------------------------------------------------
-    def info(self, video: int) -> VideoInfo:
-        """Frame count and fps of a video (cached per process)."""
+    def info(self, video: int, opened: Video | None = None) -> VideoInfo:
+        """Frame count, fps and frame size of a video (cached per process; taken from `opened` when given)."""
         if video not in self._infos:
-            self._infos[video] = probe(self.paths[video], self.backend, fps=self.frame_fps)
+            self._infos[video] = opened.info if opened is not None else probe(
+                self.paths[video], self.backend, fps=self.frame_fps)
         return self._infos[video]
+
+    def open(self, video: int) -> Video:
+        """The video, opened once for its info and its frames."""
+        return open_video(self.paths[video], self.backend, fps=self.frame_fps)
 
     def _train_item(self, spec: ClipSpec) -> tuple:
         for attempt in range(MAX_REPLACEMENTS):
@@ -233,14 +238,15 @@ class VideoClipDataset(Dataset):
     def _sample_clip(self, spec: ClipSpec) -> tuple[torch.Tensor, Any]:
         generator = torch.Generator().manual_seed(spec.seed)
         rate = _randint(spec.rate_min, spec.rate_max, generator)
-        info = self.info(spec.index)
-        span = clip_span(spec.frames, rate, info.fps, self.rate_fps)
-        start = float(torch.rand(1, generator=generator, dtype=torch.float64)) * max(info.num_frames - span, 0.0)
-        indices = clip_indices(start, span, spec.frames, info.num_frames)
-        low, high = jitter_for_crop(self.train_jitter, spec.crop, self.train_crop)
-        # Drawing the short side before decoding lets JPEG frames decode at the smallest size that still covers it.
-        side = _randint(low, high, generator)
-        frames = read_frames(self.paths[spec.index], indices, backend=self.backend, min_short_side=side)
+        with self.open(spec.index) as video:
+            info = self.info(spec.index, video)
+            span = clip_span(spec.frames, rate, info.fps, self.rate_fps)
+            start = float(torch.rand(1, generator=generator, dtype=torch.float64)) * max(info.num_frames - span, 0.0)
+            indices = clip_indices(start, span, spec.frames, info.num_frames)
+            low, high = jitter_for_crop(self.train_jitter, spec.crop, self.train_crop)
+            # Drawing the short side before decoding lets JPEG frames decode at the smallest size that covers it.
+            side = _randint(low, high, generator)
+            frames = video.read(indices, min_short_side=side)
         clip = train_clip(frames, spec.crop, (side, side), generator, self.mean, self.std, self.flip_prob)
         return clip, self.target(spec.index, indices, info.fps)
 
@@ -252,10 +258,11 @@ class VideoClipDataset(Dataset):
         frames, windows, fps = None, [], self.frame_fps
         if not self.failures.failed[video]:
             try:
-                info = self.info(video)
-                windows, fps = self.test_windows(video, info), info.fps
-                flat = [i for w in windows for i in w]
-                frames = read_frames(self.paths[video], flat, backend=self.backend, min_short_side=self.test_crop)
+                with self.open(video) as opened:
+                    info = self.info(video, opened)
+                    windows, fps = self.test_windows(video, info), info.fps
+                    flat = [i for w in windows for i in w]
+                    frames = opened.read(flat, min_short_side=self.test_crop)
                 frames = short_side_resize(frames, self.test_crop)  # (V·T, C, H', W'), resized once for all crops
             except VideoReadError as error:
                 self.failures.record(video, error)

@@ -17,6 +17,9 @@ reads and augments 42 X3D-XS training clips/s this way, 12 with one decoding pas
 (benchmarks/bench_data.py): torchcodec jumps over GOPs too but decodes every frame inside them. So "auto" is
 PyAV, the faster one at every clip shape measured.
 
+`open_video` opens a file or folder once for its `info` and its frames: a training clip needs the length before it
+can choose its frames, and a second open would parse the header (and, for PyAV, probe the stream) again.
+
 Frame indices count frames in presentation order from 0. Out-of-range indices are clamped, and a file that ends
 before its reported length (truncated after its header, or with corrupt packets) is clamped to the frames that
 decode. Anything that cannot give a single frame raises `VideoReadError` naming the path and the problem.
@@ -66,41 +69,74 @@ def available_backends() -> list[str]:
     return ["pyav", "torchcodec"] if _torchcodec_problem() is None else ["pyav"]
 
 
-def probe(path: PathLike, backend: str = "auto", *, fps: float = 30.0) -> VideoInfo:
-    """Frame count, fps and frame size of a video file or JPEG frame folder (`fps` is used for folders only)."""
+def open_video(path: PathLike, backend: str = "auto", *, fps: float = 30.0) -> "Video":
+    """Open a video file or JPEG frame folder once for its `info` and any number of `read`s (a context manager).
+
+    A training clip needs the length and frame rate before it can choose its frames; one open serves both, where
+    `probe` then `read_frames` would open the file and parse its header twice. `fps` is used for folders only;
+    `backend` ("auto", "pyav", "torchcodec") applies to video files.
+    """
     path = os.fspath(path)
     _check_backend_name(backend)
     if os.path.isdir(path):
-        files = _list_frame_files(path)
-        width, height = _jpeg_size(os.path.join(path, files[0]))
-        return VideoInfo(len(files), float(fps), height, width)
+        return _FrameFolder(path, fps)
     _check_file(path)
     if _resolve_backend(backend) == "torchcodec":
-        return _probe_torchcodec(path)
-    return _probe_pyav(path)
+        return _TorchcodecVideo(path)
+    return _PyAVVideo(path)
+
+
+def probe(path: PathLike, backend: str = "auto", *, fps: float = 30.0) -> VideoInfo:
+    """Frame count, fps and frame size of a video file or JPEG frame folder (`fps` is used for folders only)."""
+    with open_video(path, backend, fps=fps) as video:
+        return video.info
 
 
 def read_frames(
     path: PathLike, indices: Sequence[int], *, backend: str = "auto", min_short_side: int | None = None
 ) -> torch.Tensor:
-    """Frames at `indices` (order kept, repeats allowed, out-of-range clamped) as uint8 RGB (T, C, H, W).
+    """Frames at `indices` of a video file or JPEG frame folder: `Video.read` of `open_video(path, backend)`."""
+    with open_video(path, backend) as video:
+        return video.read(indices, min_short_side=min_short_side)
 
-    The tensor is a (T, C, H, W) view of channels-last memory, the layout the uint8 resize in transforms.py is
-    fastest on; call .contiguous() before .view() if a dense (T, C, H, W) tensor is needed.
-    `min_short_side` lets a JPEG folder decode at a reduced size whose short side stays >= it; video files always
-    decode at full size. `backend` ("auto", "pyav", "torchcodec") applies to video files.
-    """
-    path = os.fspath(path)
-    _check_backend_name(backend)
-    indices = [int(i) for i in indices]
-    if not indices:
-        raise ValueError(f"{path}: no frame indices requested")
-    if os.path.isdir(path):
-        return _read_folder(path, indices, min_short_side)
-    _check_file(path)
-    if _resolve_backend(backend) == "torchcodec":
-        return _read_torchcodec(path, indices)
-    return _read_pyav(path, indices)
+
+class Video:
+    """An open video file or frame folder; `open_video` makes one. Close it, or use it in a `with` block."""
+
+    path: str
+
+    @functools.cached_property
+    def info(self) -> VideoInfo:
+        """Frame count, fps and frame size."""
+        return self._info()
+
+    def read(self, indices: Sequence[int], *, min_short_side: int | None = None) -> torch.Tensor:
+        """Frames at `indices` (order kept, repeats allowed, out-of-range clamped) as uint8 RGB (T, C, H, W).
+
+        The tensor is a (T, C, H, W) view of channels-last memory, the layout the uint8 resize in transforms.py is
+        fastest on; call .contiguous() before .view() if a dense (T, C, H, W) tensor is needed.
+        `min_short_side` lets a JPEG folder decode at a reduced size whose short side stays >= it; video files always
+        decode at full size.
+        """
+        indices = [int(i) for i in indices]
+        if not indices:
+            raise ValueError(f"{self.path}: no frame indices requested")
+        return self._read(indices, min_short_side)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Video":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _info(self) -> VideoInfo:
+        raise NotImplementedError
+
+    def _read(self, indices: list[int], min_short_side: int | None) -> torch.Tensor:
+        raise NotImplementedError
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -162,47 +198,60 @@ def _av_open(path: str) -> av.container.InputContainer:
         raise VideoReadError(f"{path}: cannot open as a video ({error})") from error
 
 
-def _probe_pyav(path: str) -> VideoInfo:
-    with _av_open(path) as container:
-        stream = _open_video_stream(container, path)
-        rate = stream.average_rate or stream.guessed_rate
+class _PyAVVideo(Video):
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.container = _av_open(path)
+        try:
+            self.stream = _open_video_stream(self.container, path)
+        except VideoReadError:
+            self.container.close()
+            raise
+        self._packets: list[av.Packet] | None = None
+
+    def close(self) -> None:
+        self.container.close()
+
+    def _info(self) -> VideoInfo:
+        rate = self.stream.average_rate or self.stream.guessed_rate
         if not rate:
-            raise VideoReadError(f"{path}: the video stream has no frame rate")
+            raise VideoReadError(f"{self.path}: the video stream has no frame rate")
         # mp4/avi headers store the frame count; webm/mkv do not, so their packets are counted (no decoding).
-        num_frames = stream.frames or len(_demux(container, stream))
+        num_frames = self.stream.frames or len(self.packets())
         if num_frames == 0:
-            raise VideoReadError(f"{path}: the video stream has no frames")
-        return VideoInfo(num_frames, float(rate), stream.codec_context.height, stream.codec_context.width)
+            raise VideoReadError(f"{self.path}: the video stream has no frames")
+        codec = self.stream.codec_context
+        return VideoInfo(num_frames, float(rate), codec.height, codec.width)
 
+    def packets(self) -> list[av.Packet]:
+        """All packets of the stream in decode order (demuxed once); a read error ends the list."""
+        if self._packets is None:
+            self._packets = []
+            try:
+                for packet in self.container.demux(self.stream):
+                    if packet.size > 0:  # the demuxer ends with an empty flush packet
+                        self._packets.append(packet)
+            except av.FFmpegError:
+                pass
+        return self._packets
 
-def _demux(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> list[av.Packet]:
-    """All packets of the stream in decode order; a read error ends the list (the rest is treated as missing)."""
-    packets = []
-    try:
-        for packet in container.demux(stream):
-            if packet.size > 0:  # the demuxer ends with an empty flush packet
-                packets.append(packet)
-    except av.FFmpegError:
-        pass
-    return packets
-
-
-def _read_pyav(path: str, indices: list[int]) -> torch.Tensor:
-    with _av_open(path) as container:
-        stream = _open_video_stream(container, path)
-        packets = _demux(container, stream)
+    def _read(self, indices: list[int], min_short_side: int | None) -> torch.Tensor:
+        packets = self.packets()
         if not packets:
-            raise VideoReadError(f"{path}: no video packets (empty or truncated file)")
+            raise VideoReadError(f"{self.path}: no video packets (empty or truncated file)")
+        codec = self.stream.codec_context
+        codec.flush_buffers()  # a read before this one left its frames in the decoder
+        codec.skip_frame = "DEFAULT"
         timestamps = [p.pts for p in packets if not p.is_discard]
         if None in timestamps or len(set(timestamps)) != len(timestamps):
             indices = [max(i, 0) for i in indices]
-            decoded = _decode_in_order(stream.codec_context, packets, sorted(set(indices)))
+            decoded = _decode_in_order(codec, packets, sorted(set(indices)))
         else:
             indices = _clamp(indices, len(timestamps))
-            decoded = _decode_indexed(stream.codec_context, packets, sorted(timestamps), sorted(set(indices)))
-    if not decoded:
-        raise VideoReadError(f"{path}: no frame could be decoded")
-    return _stack_hwc(path, [decoded[i] for i in indices])
+            decoded = _decode_indexed(codec, packets, sorted(timestamps), sorted(set(indices)))
+        if not decoded:
+            raise VideoReadError(f"{self.path}: no frame could be decoded")
+        return _stack_hwc(self.path, [decoded[i] for i in indices])
 
 
 def _decode_packet(codec: av.CodecContext, packet: av.Packet | None) -> list[av.VideoFrame]:
@@ -309,27 +358,41 @@ def _torchcodec_decoder(path: str):
 _TORCHCODEC_ERRORS = (RuntimeError, ValueError, IndexError)
 
 
-def _probe_torchcodec(path: str) -> VideoInfo:
-    try:
-        metadata = _torchcodec_decoder(path).metadata
-    except _TORCHCODEC_ERRORS:
-        return _probe_pyav(path)
-    if not metadata.num_frames:
-        return _probe_pyav(path)
-    fps = metadata.average_fps_from_header or metadata.average_fps  # the header's rate, as PyAV reports it
-    return VideoInfo(metadata.num_frames, float(fps), metadata.height, metadata.width)
+class _TorchcodecVideo(Video):
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._pyav: _PyAVVideo | None = None
+        try:
+            self.decoder = _torchcodec_decoder(path)
+            self.num_frames = self.decoder.metadata.num_frames
+        except _TORCHCODEC_ERRORS:
+            self.decoder, self.num_frames = None, 0
 
+    def fallback(self) -> _PyAVVideo:
+        """The same file opened with PyAV, for what torchcodec cannot read."""
+        if self._pyav is None:
+            self._pyav = _PyAVVideo(self.path)
+        return self._pyav
 
-def _read_torchcodec(path: str, indices: list[int]) -> torch.Tensor:
-    try:
-        decoder = _torchcodec_decoder(path)
-        num_frames = decoder.metadata.num_frames
-        if not num_frames:
-            return _read_pyav(path, indices)
-        frames = decoder.get_frames_at(_clamp(indices, num_frames)).data  # (T, H, W, C)
-    except _TORCHCODEC_ERRORS:
-        return _read_pyav(path, indices)
-    return frames.permute(0, 3, 1, 2)  # (T, H, W, C) -> (T, C, H, W)
+    def close(self) -> None:
+        if self._pyav is not None:
+            self._pyav.close()
+
+    def _info(self) -> VideoInfo:
+        if not self.num_frames:
+            return self.fallback().info
+        metadata = self.decoder.metadata
+        fps = metadata.average_fps_from_header or metadata.average_fps  # the header's rate, as PyAV reports it
+        return VideoInfo(self.num_frames, float(fps), metadata.height, metadata.width)
+
+    def _read(self, indices: list[int], min_short_side: int | None) -> torch.Tensor:
+        if self.num_frames:
+            try:
+                frames = self.decoder.get_frames_at(_clamp(indices, self.num_frames)).data  # (T, H, W, C)
+                return frames.permute(0, 3, 1, 2)  # (T, H, W, C) -> (T, C, H, W)
+            except _TORCHCODEC_ERRORS:
+                pass
+        return self.fallback().read(indices)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -377,8 +440,16 @@ def _decode_jpeg(path: str, min_short_side: int | None) -> np.ndarray:
         raise VideoReadError(f"{path}: cannot decode JPEG ({error})") from error
 
 
-def _read_folder(folder: str, indices: list[int], min_short_side: int | None) -> torch.Tensor:
-    files = _list_frame_files(folder)
-    indices = _clamp(indices, len(files))
-    decoded = {i: _decode_jpeg(os.path.join(folder, files[i]), min_short_side) for i in set(indices)}
-    return _stack_hwc(folder, [decoded[i] for i in indices])
+class _FrameFolder(Video):
+    def __init__(self, path: str, fps: float) -> None:
+        self.path, self.fps = path, float(fps)
+        self.files = _list_frame_files(path)
+
+    def _info(self) -> VideoInfo:
+        width, height = _jpeg_size(os.path.join(self.path, self.files[0]))
+        return VideoInfo(len(self.files), self.fps, height, width)
+
+    def _read(self, indices: list[int], min_short_side: int | None) -> torch.Tensor:
+        indices = _clamp(indices, len(self.files))
+        decoded = {i: _decode_jpeg(os.path.join(self.path, self.files[i]), min_short_side) for i in set(indices)}
+        return _stack_hwc(self.path, [decoded[i] for i in indices])

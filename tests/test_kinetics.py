@@ -236,6 +236,19 @@ def test_train_sampling_is_a_function_of_the_seed(tmp_path: Path):
     assert torch.equal(ds[1][0], ds[ClipSpec(1, 4, 32, 2, 2, 1)][0])  # int item: base shape, seed = index
 
 
+def test_a_clip_opens_its_video_once(tmp_path: Path, monkeypatch):
+    """The length that places a clip and the frames it shows come from one open of the file."""
+    ds = dataset([Video(str(write_mp4(tmp_path / "v.mp4", 40)), 1)])
+    opened = []
+    real_open = av.open
+    monkeypatch.setattr(av, "open", lambda *args, **kwargs: opened.append(args[0]) or real_open(*args, **kwargs))
+    ds[ClipSpec(0, 4, 32, 2, 3, 5)]
+    assert opened == [str(tmp_path / "v.mp4")]
+    test = dataset([Video(str(tmp_path / "v.mp4"), 1)], mode="test", num_temporal_views=2, num_spatial_crops=3)
+    [test[i] for i in range(len(test))]
+    assert len(opened) == 2  # one more for all six views of the video
+
+
 def test_scale_jitter_for_multigrid_crops():
     assert jitter_for_crop((256, 320), 224, 224) == (256, 320)
     assert jitter_for_crop((256, 320), 112, 224) == (128, 320)

@@ -182,6 +182,16 @@ def test_no_file_descriptors_leak(video, tmp_path):
     assert len(os.listdir("/proc/self/fd")) == before
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_open_serves_info_and_several_reads(video, backend):
+    with video_io.open_video(video, backend) as opened:
+        assert opened.info == probe(video, backend=backend)
+        first = opened.read([3, 17, 29])
+        assert frame_ids(opened.read([29, 0, 12])) == [29, 0, 12]  # the decoder starts over for each read
+        assert torch.equal(opened.read([3, 17, 29]), first)
+    assert torch.equal(first, read_frames(video, [3, 17, 29], backend=backend))
+
+
 def test_bad_arguments(video):
     with pytest.raises(ValueError, match="backend"):
         read_frames(video, [0], backend="opencv")
