@@ -4,7 +4,9 @@ depthwise_conv.c (the depthwise convolution's gradients, for depthwise_conv.py) 
 norm by groups of clips, for batch_norm.py) are built together, once per process, with the system's C compiler ($CC,
 else cc), `-march=native` and `-fopenmp` into a temporary folder (a fraction of a second), and loaded from there.
 Their threads are OpenMP's (parallel.h): the library needs libgomp.so.1, which the process has already loaded from
-PyTorch's own lib folder, so the kernels run on the threads ATen's kernels run on. Without a compiler, or where the
+PyTorch's own lib folder, so the kernels run on the threads ATen's kernels run on. A PyTorch built on another OpenMP
+runtime (Intel's or LLVM's, as some conda builds are) would get a second runtime with the library, and a second pool
+of threads on the same cores: a warning then says so. Without a compiler, or where the
 build fails, `library()` is None after one warning that names the compiler, and the callers run their PyTorch paths
 (slower): nothing else needs a compiler. The kernels compute float32 only.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import re
 import subprocess
 import tempfile
 import warnings
@@ -31,6 +34,7 @@ SIGNATURES = {  # argument types of each function; all return 0, or -1 out of me
 }
 
 enabled = True  # False: never the C kernels (the PyTorch paths, as without a C compiler)
+_OPENMP_RUNTIME = re.compile(r"/lib(gomp|iomp5|omp)\b[^/]*\.so[^/]*$")  # GCC's, Intel's and LLVM's
 
 
 def library_for(*tensors: torch.Tensor) -> ctypes.CDLL | None:
@@ -63,7 +67,13 @@ def library() -> ctypes.CDLL | None:
                 problem = str(error)
                 break
             if result.returncode == 0:
+                before = openmp_runtimes()
                 loaded = ctypes.CDLL(path)  # stays mapped once the file is gone
+                added = openmp_runtimes().difference(before)
+                if added and before:
+                    warnings.warn(f"the C kernels brought in an OpenMP runtime of their own ({', '.join(added)}) "
+                                  f"next to PyTorch's ({', '.join(before)}): two thread pools now share the cores, "
+                                  "which slows both down", stacklevel=2)
                 for name, argtypes in SIGNATURES.items():
                     function = getattr(loaded, name)
                     function.argtypes, function.restype = argtypes, ctypes.c_int
@@ -75,3 +85,17 @@ def library() -> ctypes.CDLL | None:
     warnings.warn(f"the C kernels ({', '.join(SOURCES)}) did not build with {compiler!r} ({problem}); the depthwise "
                   "convolutions' own gradients and training batch norm run in PyTorch, slower", stacklevel=2)
     return None
+
+
+def openmp_runtimes(maps: str | None = None) -> set[str]:
+    """Paths of the OpenMP runtime libraries mapped into this process (`maps`: the text of a /proc/<pid>/maps).
+
+    Empty where /proc is missing (not Linux), so nothing is then checked.
+    """
+    if maps is None:
+        try:
+            maps = Path("/proc/self/maps").read_text()
+        except OSError:
+            return set()
+    fields = (line.split(maxsplit=5) for line in maps.splitlines())
+    return {f[5] for f in fields if len(f) == 6 and _OPENMP_RUNTIME.search(f[5])}

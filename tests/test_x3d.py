@@ -206,6 +206,26 @@ def test_c_kernels_without_a_c_compiler(monkeypatch):
         assert native.library.__wrapped__() is None
 
 
+def test_c_kernels_share_pytorchs_openmp_runtime(monkeypatch):
+    """Built with -fopenmp, the kernels use the libgomp PyTorch has loaded: one runtime, one pool of threads."""
+    maps = ("7f5e-7f5f r-xp 00000 08:01 12 /env/torch/lib/libgomp.so.1\n"
+            "7f6e-7f6f r-xp 00000 08:01 13 /usr/lib/x86_64-linux-gnu/libgomp.so.1.0.0\n"
+            "7f7e-7f7f r-xp 00000 08:01 14 /conda/lib/libiomp5.so\n"
+            "7f8e-7f8f r-xp 00000 08:01 15 /conda/lib/libomp.so\n"
+            "7f9e-7f9f r-xp 00000 08:01 16 /env/lib/libgompertz.so\n"
+            "7fae-7faf rw-p 00000 00:00 0 \n")
+    assert native.openmp_runtimes(maps) == {"/env/torch/lib/libgomp.so.1", "/conda/lib/libiomp5.so",
+                                            "/conda/lib/libomp.so", "/usr/lib/x86_64-linux-gnu/libgomp.so.1.0.0"}
+    if not native.openmp_runtimes() or native.library() is None:
+        pytest.skip("needs /proc/self/maps and a C compiler")
+    assert len(native.openmp_runtimes()) == 1
+    # Where PyTorch runs on another runtime, loading the kernels adds libgomp: a warning names both.
+    mapped = iter([{"/torch/lib/libiomp5.so"}, {"/torch/lib/libiomp5.so", "/usr/lib/libgomp.so.1"}])
+    monkeypatch.setattr(native, "openmp_runtimes", lambda: next(mapped))
+    with pytest.warns(UserWarning, match=r"own \(/usr/lib/libgomp.so.1\) next to PyTorch.s \(/torch/lib/libiomp5"):
+        assert native.library.__wrapped__() is not None
+
+
 def test_depthwise_backward_can_be_turned_off(monkeypatch):
     conv = DepthwiseConv3d(4, 3, padding=1)
     x = torch.randn(1, 4, 3, 5, 5, requires_grad=True)
