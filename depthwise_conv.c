@@ -10,7 +10,8 @@
  *
  * Both walk rows of the tensors, (n, t, h), split evenly between the threads, and pair one x row with one g row per
  * tap; the innermost loop runs over the channels, contiguous in both tensors, so it vectorises, and a pair of rows
- * stays in cache for all the taps it serves. The weight gradient sums into a (K, C) buffer per thread, added in
+ * stays in cache for all the taps it serves. The weight gradient sums a row's products per tap in registers, 16 or 8
+ * channels at a time, and adds them to a (K, C) buffer per thread once per row; the buffers are added in
  * thread order at the end: results depend on the number of threads, not on their scheduling. The input gradient gives
  * each thread its own rows of grad_x. PyTorch's product and sum per tap over the whole tensors read and write the
  * activations about 4 x 27 times; these read each about once.
@@ -36,6 +37,17 @@ static void columns(const job_t *j, int d, int64_t *lo, int64_t *hi) {
     while (*hi > *lo && (*hi - 1) * j->sw + d - j->pw >= j->W) --*hi;
 }
 
+/* sum[i] += x[wo * xstep + i] * g[wo * gstep + i] over wo < count, for skip <= i < width (width at most 16): the
+ * products are summed in registers over the row and added to the memory sums once. Inlined with a constant width, the
+ * loop over i is a vector or two. */
+static inline void sum_products(float *restrict sum, const float *restrict x, const float *restrict g, int64_t count,
+                                int64_t xstep, int64_t gstep, int width, int skip) {
+    float acc[16] = {0};
+    for (int64_t wo = 0; wo < count; wo++)
+        for (int i = 0; i < width; i++) acc[i] += x[wo * xstep + i] * g[wo * gstep + i];
+    for (int i = skip; i < width; i++) sum[i] += acc[i];
+}
+
 static void *weight_grad_rows(void *arg) {
     const job_t *j = arg;
     const int64_t C = j->C;
@@ -50,13 +62,19 @@ static void *weight_grad_rows(void *arg) {
                 if (h < 0 || h >= j->H) continue;
                 const float *xrow = j->x + ((n * j->T + t) * j->H + h) * j->W * C;
                 for (int d = 0; d < j->kw; d++) {
-                    float *restrict sum = j->out + ((int64_t)(a * j->kh + b) * j->kw + d) * C;
+                    float *sum = j->out + ((int64_t)(a * j->kh + b) * j->kw + d) * C;
                     int64_t lo, hi;
                     columns(j, d, &lo, &hi);
-                    for (int64_t wo = lo; wo < hi; wo++) {
-                        const float *restrict xp = xrow + (wo * j->sw + d - j->pw) * C;
-                        const float *restrict gp = grow + wo * C;
-                        for (int64_t c = 0; c < C; c++) sum[c] += xp[c] * gp[c];
+                    const float *xp = xrow + (lo * j->sw + d - j->pw) * C, *gp = grow + lo * C;
+                    const int64_t count = hi - lo, xstep = j->sw * C;
+                    int64_t c = 0;
+                    for (; c + 16 <= C; c += 16) sum_products(sum + c, xp + c, gp + c, count, xstep, C, 16, 0);
+                    if (c + 8 <= C) sum_products(sum + c, xp + c, gp + c, count, xstep, C, 8, 0), c += 8;
+                    if (c < C && C >= 8) { /* the last 8 channels, of which those before c are summed already */
+                        const int64_t last = C - 8;
+                        sum_products(sum + last, xp + last, gp + last, count, xstep, C, 8, (int)(c - last));
+                    } else {
+                        for (; c < C; c++) sum_products(sum + c, xp + c, gp + c, count, xstep, C, 1, 0);
                     }
                 }
             }

@@ -166,7 +166,7 @@ def test_depthwise_conv_gradients_equal_aten(kernel, stride, padding, channels_l
 @pytest.mark.parametrize("kernel, stride, padding, shape", [
     (3, (1, 1, 1), 1, (3, 12, 5, 9, 11)), (3, (1, 2, 2), 1, (3, 12, 5, 9, 11)),
     ((5, 1, 1), 1, (2, 0, 0), (2, 9, 6, 5, 4)), ((3, 2, 3), (2, 2, 3), (0, 1, 2), (2, 5, 7, 8, 10)),
-    (3, 1, 3, (1, 19, 3, 4, 4)), (3, (1, 2, 2), 1, (2, 40, 2, 3, 3))])
+    (3, 1, 3, (1, 19, 3, 4, 4)), (3, (1, 2, 2), 1, (2, 40, 2, 3, 3)), (3, 1, 1, (1, 54, 2, 3, 5))])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_depthwise_conv_c_gradients_equal_aten(kernel, stride, padding, shape, threads, monkeypatch):
     """depthwise_conv.c (float32; built here with the system's compiler) gives ATen's gradients: strides, paddings
