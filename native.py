@@ -6,9 +6,9 @@ else cc), `-march=native` and `-fopenmp` into a temporary folder (a fraction of 
 Their threads are OpenMP's (parallel.h): the library needs libgomp.so.1, which the process has already loaded from
 PyTorch's own lib folder, so the kernels run on the threads ATen's kernels run on. A PyTorch built on another OpenMP
 runtime (Intel's or LLVM's, as some conda builds are) would get a second runtime with the library, and a second pool
-of threads on the same cores: a warning then says so. Without a compiler, or where the
-build fails, `library()` is None after one warning that names the compiler, and the callers run their PyTorch paths
-(slower): nothing else needs a compiler. The kernels compute float32 only.
+of threads on the same cores: a warning then says so. Without a compiler, or where the build fails, `library()` is
+None after one warning that names the compiler, and the callers run their PyTorch paths (slower): nothing else needs
+a compiler. The kernels compute float32 only.
 """
 
 from __future__ import annotations
