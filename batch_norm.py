@@ -7,7 +7,7 @@ nn.BatchNorm3d updates its own (the unbiased variance, `momentum`).
 
 Two implementations, equal up to float rounding (tests/test_x3d.py):
 - batch_norm.c (built by native.py) for float32 channels-last CPU tensors: all groups in one call, two passes over
-  the activations forward and two backward, 2-3 times faster than ATen's channels-last kernels on the same tensors
+  the activations forward and two backward, faster than ATen's channels-last kernels on the same tensors
   (benchmarks/README.md);
 - ATen's batch_norm kernels, one call per group, for everything else: CUDA, other dtypes, the default layout,
   graphs compiled with torch.compile, a machine without a C compiler.

@@ -6,8 +6,8 @@ resized to the test crop -> one of 3 square crops (left/centre/right, or top/cen
 the centre offset is ceil((L - S) / 2) as in PySlowFast) -> normalise.
 
 Resizing is bilinear with align_corners=False and no antialiasing (as PySlowFast), done on uint8 in channels-last
-memory: on one CPU core that is 4-10x faster than float32 (16 frames 340x256 -> 425x320: 2.6 ms against 12.7 ms),
-and differs from the float result by rounding only (at most 1 grey level). The decoders hand over channels-last
+memory, several times faster than in float32 (benchmarks/README.md), and differs from the float result by rounding
+only (at most 1 grey level). The decoders hand over channels-last
 clips already. Every random choice draws from the optional `torch.Generator` in a fixed order (scale, crop y,
 crop x, flip), so a seed reproduces the clip exactly. The crop size is an argument of each call because multigrid
 changes it from one iteration to the next. Spatial ops only touch the last two dimensions.

@@ -5,17 +5,14 @@ Inputs
   FFmpeg shared libraries, libavcodec & co.);
 - folders of JPEG frames: the original repo's `frame_00001.jpg` and Charades' `<id>-000001.jpg` (any name that ends
   in a frame number), decoded with Pillow's libjpeg-turbo. When the caller needs a short side at most half the
-  frame's, they decode at 1/2, 1/4 or 1/8 size (DCT scaling): 1.4x the X3D-XS clips/s from 640x480 frames.
+  frame's, they decode at 1/2, 1/4 or 1/8 size (DCT scaling).
 
-How PyAV reads sparse frames: the packets are demuxed first (about 1 ms for a 10 s clip, no decoding), which gives
-the exact frame count, every frame's timestamp and the keyframes. Then only the GOPs that hold a requested frame
-are decoded, jumping over the others, and frames no other frame refers to are skipped unless requested (where the
-decoder allows it per frame: H.264, HEVC, MPEG-2/4, VP8/9). On a 10 s, 30 fps, 340x256 H.264 clip, one core, 4
-frames spread over the clip take 43 ms against 120 ms for one decoding pass and 62 ms for a seek per frame when
-there is a keyframe every 2 s; 70 ms against 119 ms and 264 ms with a single keyframe. One data-loader worker
-reads and augments 42 X3D-XS training clips/s this way, 12 with one decoding pass and 31 with torchcodec
-(benchmarks/bench_data.py): torchcodec jumps over GOPs too but decodes every frame inside them. So "auto" is
-PyAV, the faster one at every clip shape measured.
+How PyAV reads sparse frames: the packets are demuxed first (no decoding), which gives the exact frame count, every
+frame's timestamp and the keyframes. Then only the GOPs that hold a requested frame are decoded, jumping over the
+others, and frames no other frame refers to are skipped unless requested (where the decoder allows it per frame:
+H.264, HEVC, MPEG-2/4, VP8/9). This beats one decoding pass, a seek per frame, and torchcodec, which jumps over GOPs
+too but decodes every frame inside them, at every clip shape measured (benchmarks/README.md, bench_data.py), so
+"auto" is PyAV.
 
 `open_video` opens a file or folder once for its `info` and its frames: a training clip needs the length before it
 can choose its frames, and a second open would parse the header (and, for PyAV, probe the stream) again.
@@ -263,8 +260,8 @@ def _decode_packet(codec: av.CodecContext, packet: av.Packet | None) -> list[av.
 
 
 def _rgb(frame: av.VideoFrame) -> np.ndarray:
-    # One swscale thread: PyAV's default (0, automatic) starts a thread pool for every frame it converts. With one,
-    # clips read 1.1-1.4x faster (benchmarks/bench_data.py), with the same pixels.
+    # One swscale thread: PyAV's default (0, automatic) starts a thread pool for every frame it converts, which costs
+    # more than the conversion of a small frame (benchmarks/README.md); the pixels are the same.
     return frame.to_ndarray(format="rgb24", threads=1)  # (H, W, 3)
 
 
@@ -297,7 +294,7 @@ def _decode_indexed(
             position = start
         while t not in decoded and position <= len(packets):
             packet = packets[position] if position < len(packets) else None
-            if skip_unwanted:  # frames no other frame refers to are decoded only when asked for: ~1.5x on sparse clips
+            if skip_unwanted:  # frames no other frame refers to are decoded only when asked for
                 codec.skip_frame = "DEFAULT" if packet is None or packet.pts in wanted else "NONREF"
             for frame in _decode_packet(codec, packet):
                 last = frame
