@@ -7,10 +7,10 @@ the centre offset is ceil((L - S) / 2) as in PySlowFast) -> normalise.
 
 Resizing is bilinear with align_corners=False and no antialiasing (as PySlowFast), done on uint8 in channels-last
 memory, several times faster than in float32 (benchmarks/README.md), and differs from the float result by rounding
-only (at most 1 grey level). The decoders hand over channels-last
-clips already. Every random choice draws from the optional `torch.Generator` in a fixed order (scale, crop y,
-crop x, flip), so a seed reproduces the clip exactly. The crop size is an argument of each call because multigrid
-changes it from one iteration to the next. Spatial ops only touch the last two dimensions.
+only (at most 1 grey level). The decoders hand over channels-last clips already. Every random choice draws from the
+optional `torch.Generator` in a fixed order (scale, crop y, crop x, flip), so a seed reproduces the clip exactly. The
+crop size is an argument of each call because multigrid changes it from one iteration to the next. Spatial ops only
+touch the last two dimensions.
 """
 
 import torch
