@@ -39,6 +39,7 @@ from torch import nn
 
 import batch_norm
 from depthwise_conv import DepthwiseConv3d
+from fused_conv import FusedConv3d
 
 logger = logging.getLogger(__name__)
 
@@ -315,15 +316,17 @@ class SqueezeExcitation(nn.Module):
         self.fc2 = nn.Conv3d(width, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = x.mean((2, 3, 4), keepdim=True)  # (N, C, 1, 1, 1)
-        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(gate), inplace=True)))
-        return x * gate
+        return x * self.gate(x)
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, 1, 1, 1) factors in (0, 1) from the clip-wide average of x."""
+        return torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3, 4), keepdim=True)), inplace=True)))
 
 
 class Stem(nn.Module):
     """1x3x3 conv with spatial stride 2, then a depthwise 5x1x1 temporal conv, BN, ReLU (no pooling)."""
 
-    conv_bn_pairs = (("conv_t", "bn"),)  # what fold_batchnorm folds
+    folded = False  # fold_batchnorm's copy: BN and ReLU in conv_t
 
     def __init__(self, width: int, norm: Callable[[int], nn.Module]):
         super().__init__()
@@ -332,13 +335,19 @@ class Stem(nn.Module):
         self.bn = norm(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.folded:
+            return self.conv_t(self.conv_s(x))
         return F.relu(self.bn(self.conv_t(self.conv_s(x))), inplace=True)
+
+    def fold(self) -> None:
+        self.conv_s, self.conv_t = FusedConv3d(self.conv_s), FusedConv3d(self.conv_t, self.bn, "relu")
+        self.bn, self.folded = None, True
 
 
 class Bottleneck(nn.Module):
     """X3D residual block: 1x1x1 expand -> 3x3x3 depthwise (spatial stride) -> [SE] -> Swish -> 1x1x1 project."""
 
-    conv_bn_pairs = (("conv_a", "bn_a"), ("conv_b", "bn_b"), ("conv_c", "bn_c"), ("shortcut_conv", "shortcut_bn"))
+    folded = False  # fold_batchnorm's copy: each BN and the activation after it in its convolution
 
     def __init__(self, dim_in: int, dim_out: int, dim_inner: int, stride: int, use_se: bool,
                  norm: Callable[[int], nn.Module]):
@@ -359,6 +368,8 @@ class Bottleneck(nn.Module):
             self.shortcut_bn = norm(dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.folded:
+            return self.forward_folded(x)
         out = F.relu(self.bn_a(self.conv_a(x)), inplace=True)
         out = self.bn_b(self.conv_b(out))
         if self.se is not None:
@@ -367,6 +378,22 @@ class Bottleneck(nn.Module):
         shortcut = x if self.shortcut_conv is None else self.shortcut_bn(self.shortcut_conv(x))
         return F.relu(out + shortcut, inplace=True)
 
+    def forward_folded(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv_b(self.conv_a(x))  # ReLU in conv_a; Swish in conv_b unless SE comes between
+        if self.se is not None:  # in place: out is this block's own
+            out = F.silu(out.mul_(self.se.gate(out)), inplace=True)
+        shortcut = x if self.shortcut_conv is None else self.shortcut_conv(x)
+        return self.conv_c(out, shortcut)  # ReLU(conv_c(out) + shortcut)
+
+    def fold(self) -> None:
+        self.conv_a = FusedConv3d(self.conv_a, self.bn_a, "relu")
+        self.conv_b = FusedConv3d(self.conv_b, self.bn_b, "none" if self.se is not None else "swish")
+        self.conv_c = FusedConv3d(self.conv_c, self.bn_c, "relu", residual=True)
+        if self.shortcut_conv is not None:
+            self.shortcut_conv = FusedConv3d(self.shortcut_conv, self.shortcut_bn)
+        self.bn_a = self.bn_b = self.bn_c = self.shortcut_bn = None
+        self.folded = True
+
 
 class X3DHead(nn.Module):
     """1x1x1 conv + BN + ReLU, average pool, 1x1x1 conv to 2048 + ReLU, dropout, linear classifier.
@@ -374,7 +401,7 @@ class X3DHead(nn.Module):
     The clip head pools globally and returns (N, K); the per-frame head pools only H, W and returns (N, K, T).
     """
 
-    conv_bn_pairs = (("pre_conv", "pre_bn"),)
+    folded = False  # fold_batchnorm's copy: pre_bn and both ReLUs in the convolutions
 
     def __init__(self, dim_in: int, dim_inner: int, num_classes: int, dropout: float, per_frame: bool,
                  norm: Callable[[int], nn.Module]):
@@ -387,12 +414,17 @@ class X3DHead(nn.Module):
         self.classifier = nn.Linear(HEAD_WIDTH, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.pre_bn(self.pre_conv(x)), inplace=True)
+        x = self.pre_conv(x) if self.folded else F.relu(self.pre_bn(self.pre_conv(x)), inplace=True)
         # Adaptive pooling (a mean), so every clip length and crop works: (N, C, T, 1, 1) or (N, C, 1, 1, 1).
         x = x.mean((3, 4), keepdim=True) if self.per_frame else x.mean((2, 3, 4), keepdim=True)
-        x = F.relu(self.post_conv(x), inplace=True)
+        x = self.post_conv(x) if self.folded else F.relu(self.post_conv(x), inplace=True)
         x = self.classifier(self.dropout(x.flatten(2).transpose(1, 2)))  # (N, T or 1, 2048) -> (N, T or 1, K)
         return x.transpose(1, 2) if self.per_frame else x[:, 0]
+
+    def fold(self) -> None:
+        self.pre_conv = FusedConv3d(self.pre_conv, self.pre_bn, "relu")
+        self.post_conv = FusedConv3d(self.post_conv, None, "relu")
+        self.pre_bn, self.folded = None, True
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -573,38 +605,19 @@ def to_channels_last(model: nn.Module) -> nn.Module:
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of `model` for inference, in eval mode, with every BatchNorm folded into the convolution before it.
 
-    In eval mode BN is an affine map per channel, y = (x - mean) / sqrt(var + eps) * gamma + beta, so conv -> BN equals
-    one convolution with weights scaled by gamma / sqrt(var + eps) and a bias: one pass over the activations instead
-    of two. The outputs equal the model's up to float rounding (tests/test_x3d.py). The copy cannot train (its
-    BatchNorms are gone) and keeps the parameters' memory format; the model itself is not changed.
+    Each convolution -> BN -> activation becomes one `fused_conv.FusedConv3d`, which on the CPU also applies the
+    activation, and at the end of a residual block the residual sum, as it writes its output (its docstring): one
+    pass over the activations instead of two or three. The outputs equal the model's up to float rounding
+    (tests/test_x3d.py). The copy cannot train (its BatchNorms are gone) and keeps the parameters' memory format; the
+    model itself is not changed.
     """
     groups = {id(g): g for m in model.modules() if (g := getattr(m, "process_group", None)) is not None}
     fused = copy.deepcopy(model, memo=groups).eval()  # process groups (synchronised BN) are shared, not copied
-    for block in fused.modules():
-        for conv_name, bn_name in getattr(block, "conv_bn_pairs", ()):
-            conv, bn = getattr(block, conv_name), getattr(block, bn_name)
-            if conv is None:
-                continue
-            setattr(block, conv_name, _fold(conv, bn))
-            setattr(block, bn_name, nn.Identity())
+    with torch.no_grad():
+        for block in list(fused.modules()):
+            if isinstance(block, (Stem, Bottleneck, X3DHead)):
+                block.fold()
     return fused
-
-
-@torch.no_grad()
-def _fold(conv: nn.Conv3d, bn: nn.BatchNorm3d) -> nn.Conv3d:
-    """The convolution conv followed by bn (eval mode) as one nn.Conv3d with a bias."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    fused = nn.Conv3d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                      dilation=conv.dilation, groups=conv.groups, bias=True).to(conv.weight.device, conv.weight.dtype)
-    weight = conv.weight * scale.view(-1, 1, 1, 1, 1)
-    fused.weight.data = weight.contiguous(memory_format=_memory_format(conv.weight))
-    fused.bias.data = (bias - bn.running_mean) * scale + bn.bias
-    return fused
-
-
-def _memory_format(t: torch.Tensor) -> torch.memory_format:
-    return torch.contiguous_format if t.is_contiguous() else torch.channels_last_3d
 
 
 def set_bn_splits(model: nn.Module, k: int, sync_devices: int = 1) -> None:

@@ -17,13 +17,14 @@ Rows, each at the same input and batch, with the same SGD step:
   all with freed memory kept, as the scripts run; as it trains with glibc's default malloc settings; and as it trains
   on a machine without a C compiler (PyTorch and ATen instead of depthwise_conv.c and batch_norm.c); and as it
   trains with ATen's batch norm instead of batch_norm.c; and through torch.compile (`ours_compiled`: inductor, static
-  shapes, the model for training and the folded model for inference, as `--compile` and its evaluation would run
-  them; opt-in on the CPU, where each input compiles for minutes).
+  shapes: the model for training, as `--compile` trains it, and the folded model for inference; opt-in on the CPU,
+  where each input compiles for minutes).
 Each row runs in its own process, so its peak memory is its own: resident (ru_maxrss) on the CPU, allocated by
 PyTorch on CUDA. Printed: training clips/s (forward, backward, optimizer step; timed after two warm-up steps) and the
 GFLOP/s they amount to (3x the forward's FLOPs per clip), the seconds of the first training step (where cuDNN's
 autotuning and torch.compile's compilation happen), inference clips/s (eval mode, no grad) as the model stands and,
-for x3d.py, as the evaluation runs it (BatchNorm folded into the convolutions, inference mode), and the peak memory.
+for x3d.py, as the evaluation runs it (x3d.fold_batchnorm: BatchNorm folded into the convolutions, the activations
+fused into them; inference mode), and the peak memory.
 The header names the device (the CPU with its vector extensions and cores, or the GPU) and the GFLOP/s of a large
 matmul there in the precision the rows compute in: the machine's practical peak.
 

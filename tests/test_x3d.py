@@ -1,6 +1,7 @@
 """X3D family: shapes, parameter counts and FLOPs per variant; sub-batch and synchronised BN; Swish; init;
 channels_last; configs."""
 
+import collections
 import copy
 import dataclasses
 import json
@@ -19,14 +20,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _triple
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import batch_norm
 import depthwise_conv
 import native
+from fused_conv import FusedConv3d
 from x3d import (
     MODELS,
+    Bottleneck,
     DepthwiseConv3d,
     SubBatchNorm3d,
     Swish,
@@ -625,12 +630,63 @@ def test_folded_batchnorm_equals_the_model(head, channels_last):
     assert model.training and not folded.training  # the model is left as it was
     assert not any(isinstance(m, nn.BatchNorm3d) for m in folded.modules())
     assert folded.stages[0][0].conv_b.bias is not None and model.stages[0][0].conv_b.bias is None
+    blocks = sum(isinstance(m, Bottleneck) for m in folded.modules())  # 26, the first of each stage projected
+    assert sum(isinstance(m, FusedConv3d) for m in folded.modules()) == 2 + 3 * blocks + 4 + 2  # stem, blocks, head
     clips = torch.randn(3, 3, 4, 64, 64).contiguous(memory_format=layout)
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), _OpCounter() as ops:
         want, got = model(clips), folded(clips)
     assert got.shape == want.shape == ((3, 7) if head == "clip" else (3, 7, 4))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert ops.counts["mkldnn._convolution_pointwise.default"] == 2 + 2 * blocks + 4 + 2  # oneDNN's, fused
+    assert ops.counts["mkldnn._convolution_pointwise.binary"] == blocks  # each block's ReLU(conv_c + shortcut)
+    with torch.inference_mode(), torch.backends.mkldnn.flags(enabled=False), _OpCounter() as ops:
+        torch.testing.assert_close(folded(clips), want, rtol=1e-4, atol=1e-4)  # the same as PyTorch operations
+    assert not any(name.startswith("mkldnn.") for name in ops.counts)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen (and other) operators called inside it, by name."""
+
+    def __enter__(self):
+        self.counts = collections.Counter()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("activation, residual", [("none", False), ("relu", False), ("swish", False), ("relu", True)])
+@pytest.mark.parametrize("kernel, stride, groups", [(1, 1, 1), (1, 2, 1), (3, 2, 16), (3, 1, 16), ((5, 1, 1), 1, 16)])
+def test_fused_conv_equals_conv_bn_activation(activation, residual, kernel, stride, groups):
+    """FusedConv3d == conv -> BN (eval) -> activation, or ReLU(conv -> BN + residual), in both layouts, oneDNN's fused
+    path and PyTorch's; its weights reordered for one input shape are reordered again after load_state_dict."""
+    torch.manual_seed(0)
+    conv = nn.Conv3d(16, 16, kernel, stride=(1, stride, stride), padding=tuple(k // 2 for k in _triple(kernel)),
+                     groups=groups, bias=False)
+    bn = nn.BatchNorm3d(16).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    fused = FusedConv3d(conv, bn, activation, residual)
+    act = {"none": nn.Identity(), "relu": nn.ReLU(), "swish": nn.SiLU()}[activation]
+    for layout in (torch.contiguous_format, torch.channels_last_3d):
+        x = torch.randn(2, 16, 4, 12, 12).contiguous(memory_format=layout)
+        with torch.no_grad():
+            out = bn(conv(x))
+            other = torch.randn(out.shape).contiguous(memory_format=layout) if residual else None
+            want = act(out + other) if residual else act(out)
+            for onednn in (True, False):
+                with torch.backends.mkldnn.flags(enabled=onednn):
+                    torch.testing.assert_close(fused(x, other) if residual else fused(x), want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # new weights, same module: the reordered copies must not outlive them
+        fused.load_state_dict({"weight": fused.weight * 2, "bias": fused.bias})
+        with torch.backends.mkldnn.flags(enabled=False):
+            want = fused(x, other) if residual else fused(x)
+        torch.testing.assert_close(fused(x, other) if residual else fused(x), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="residual"):
+        fused(x) if residual else fused(x, x)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
