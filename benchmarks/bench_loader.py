@@ -50,6 +50,7 @@ def ignore_sigint(worker_id: int) -> None:
 
 def measure(mode: str, batch: int, frames: int, crop: int, args: argparse.Namespace) -> dict:
     """Mean seconds per iteration and data-wait share of one mode and shape (run in a child process)."""
+    import engine
     import utils
     import x3d
     from kinetics_multigrid import build_kinetics
@@ -62,7 +63,7 @@ def measure(mode: str, batch: int, frames: int, crop: int, args: argparse.Namesp
                              test_crop=64, flip_prob=0.0)
     model = x3d.to_channels_last(x3d.build_model("x3d_xs", num_classes=dataset.num_classes, dropout=0.0))
     x3d.set_bn_splits(model, bn_splits_for(batch))
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    optimizer = engine.build_optimizer(model, lr=1e-4, weight_decay=5e-5)  # the training scripts' (fused) SGD
     total = args.iters + 3  # three warm-up iterations
     if mode == "alone":
         clips = torch.randn(batch, 3, frames, crop, crop)

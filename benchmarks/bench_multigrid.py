@@ -49,6 +49,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from engine import build_optimizer  # noqa: E402
 from utils import keep_freed_memory  # noqa: E402
 from x3d import build_model, set_bn_splits  # noqa: E402
 
@@ -128,7 +129,7 @@ def shape_costs(run: dict, repeats: int = 5) -> list[dict]:
             splits.setdefault(key, e["bn_splits"])
     model = build_model("x3d_xs", num_classes=len(run["test"]["test_class_top1"]), dropout=0.0)
     model.to(memory_format=torch.channels_last_3d).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    optimizer = build_optimizer(model, lr=1e-4, weight_decay=5e-5)  # the training scripts' (fused) SGD
     rows = []
     for key in sorted(trained, key=lambda k: [int(v) for v in k.split("x")]):
         n, t, s = (int(v) for v in key.split("x"))

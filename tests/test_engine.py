@@ -1,6 +1,7 @@
 """engine.py: DDP training step equals single-process, multi-view evaluation is independent of the process count,
 precise BN computes population statistics."""
 
+import copy
 import os
 import socket
 
@@ -166,6 +167,32 @@ def test_optimizer_excludes_bn_and_bias_from_weight_decay():
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
     bn_params = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm3d) for p in m.parameters()}
     assert bn_params <= {id(p) for p in no_decay["params"]}
+
+
+def test_optimizer_steps_fused_and_keeps_it_when_restoring_a_loop_optimizers_state():
+    """The fused step is SGD's (Nesterov, weight decay by group), and a checkpoint written by PyTorch's loop over the
+    parameters (an older run) resumes with the fused step and the loop's momentum buffers."""
+    torch.manual_seed(0)
+    model = _small_model()
+    reference = copy.deepcopy(model)
+    optimizer = engine.build_optimizer(model, lr=0.1, weight_decay=5e-2)
+    loop = torch.optim.SGD([{"params": [p for p in reference.parameters() if p.ndim > 1], "weight_decay": 5e-2},
+                            {"params": [p for p in reference.parameters() if p.ndim <= 1], "weight_decay": 0.0}],
+                           lr=0.1, momentum=0.9, nesterov=True, foreach=False)
+    assert all(group["fused"] for group in optimizer.param_groups)
+    for _ in range(3):
+        for p, q in zip(model.parameters(), reference.parameters()):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        optimizer.step(), loop.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+    resumed = engine.build_optimizer(reference, lr=0.1, weight_decay=5e-2)
+    engine.restore({"model": reference.state_dict(), "optimizer": loop.state_dict()}, reference, resumed, None)
+    assert all(group["fused"] and not group["foreach"] for group in resumed.param_groups)
+    assert all(torch.equal(resumed.state[p]["momentum_buffer"], loop.state[p]["momentum_buffer"])
+               for p in reference.parameters())
 
 
 @pytest.mark.parametrize("patience", [0, 2])
