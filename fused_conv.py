@@ -46,8 +46,8 @@ class FusedConv3d(nn.Conv3d):
                 weight = weight * scale.view(-1, 1, 1, 1, 1)
                 bias = (bias - bn.running_mean) * scale + bn.bias
             layout = torch.contiguous_format if conv.weight.is_contiguous() else torch.channels_last_3d
-            self.weight.copy_(weight.contiguous(memory_format=layout))
-            self.bias.copy_(bias)
+            self.weight = nn.Parameter(weight.clone(memory_format=layout))  # conv's memory format, as trained
+            self.bias = nn.Parameter(bias.clone())
         self._packed: dict[tuple[int, ...], torch.Tensor] = {}  # input shape -> the weight in oneDNN's layout
         self._packed_version = self.weight._version  # an in-place change of the weight (load_state_dict) empties it
 

@@ -630,6 +630,8 @@ def test_folded_batchnorm_equals_the_model(head, channels_last):
     assert model.training and not folded.training  # the model is left as it was
     assert not any(isinstance(m, nn.BatchNorm3d) for m in folded.modules())
     assert folded.stages[0][0].conv_b.bias is not None and model.stages[0][0].conv_b.bias is None
+    stem_weights = (model.stem.conv_s.weight, folded.stem.conv_s.weight)
+    assert [w.is_contiguous() for w in stem_weights] == [not channels_last] * 2  # the memory format is kept
     blocks = sum(isinstance(m, Bottleneck) for m in folded.modules())  # 26, the first of each stage projected
     assert sum(isinstance(m, FusedConv3d) for m in folded.modules()) == 2 + 3 * blocks + 4 + 2  # stem, blocks, head
     clips = torch.randn(3, 3, 4, 64, 64).contiguous(memory_format=layout)
