@@ -613,10 +613,9 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     """
     groups = {id(g): g for m in model.modules() if (g := getattr(m, "process_group", None)) is not None}
     fused = copy.deepcopy(model, memo=groups).eval()  # process groups (synchronised BN) are shared, not copied
-    with torch.no_grad():
-        for block in list(fused.modules()):
-            if isinstance(block, (Stem, Bottleneck, X3DHead)):
-                block.fold()
+    for block in list(fused.modules()):
+        if isinstance(block, (Stem, Bottleneck, X3DHead)):
+            block.fold()  # FusedConv3d computes its folded weights without gradients
     return fused
 
 
