@@ -26,6 +26,7 @@ import bisect
 import functools
 import os
 import re
+import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -397,18 +398,59 @@ class _TorchcodecVideo(Video):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class _NumberedNames(Sequence):
+    """The names prefix + number + suffix for the numbers first, first + 1, ... (zero-padded to `width` digits): a
+    frame folder's names kept as their pattern, a few bytes where a list of names would take kilobytes."""
+
+    __slots__ = ("prefix", "width", "suffix", "first", "count")
+
+    def __init__(self, prefix: str, width: int, suffix: str, first: int, count: int) -> None:
+        # interned: a data set's folders share the same few prefixes and suffixes
+        self.prefix, self.width, self.suffix = sys.intern(prefix), width, sys.intern(suffix)
+        self.first, self.count = first, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> str:  # int indices only
+        if not -self.count <= index < self.count:
+            raise IndexError(index)
+        return f"{self.prefix}{self.first + index % self.count:0{self.width}d}{self.suffix}"
+
+
+_FRAME_NAMES: dict[str, Sequence[str]] = {}  # folder -> its frames' names, listed once per process
+
+
+def _frame_files(folder: str) -> Sequence[str]:
+    """Names of a frame folder's JPEG files ordered by their frame number (join with the folder), listed once per
+    process: a training process reads each folder many times, and listing and sorting a folder costs more than
+    decoding a small frame. A folder is taken not to change during a run (a frame removed later fails its read,
+    which names the file). The usual contiguous numbering is kept as its pattern, other folders as their names."""
+    names = _FRAME_NAMES.get(folder)
+    if names is None:
+        names = _FRAME_NAMES[folder] = _compact(_list_frame_files(folder))
+    return names
+
+
 def _list_frame_files(folder: str) -> list[str]:
-    """Names of a frame folder's JPEG files ordered by the frame number that ends them (join with the folder)."""
+    """Names of a frame folder's JPEG files ordered by the frame number that ends them."""
     try:
         names = os.listdir(folder)
     except OSError as error:
         raise VideoReadError(f"{folder}: cannot list the frame folder ({error})") from error
-    # runs once per clip read: only the names are parsed here, the few frames a clip needs are joined by the caller
     numbered = sorted((int(match.group(1)), name) for name in names
                       if (match := _FRAME_FILE.search(name)) and not name.startswith("."))  # skips macOS "._" copies
     if not numbered:
         raise VideoReadError(f"{folder}: no numbered JPEG frames (expected e.g. frame_00001.jpg or <id>-000001.jpg)")
     return [name for _, name in numbered]
+
+
+def _compact(names: list[str]) -> Sequence[str]:
+    """`names` as a _NumberedNames where they follow one pattern with consecutive numbers, else as they are."""
+    match = _FRAME_FILE.search(names[0])
+    digits = match.group(1)
+    pattern = _NumberedNames(names[0][:match.start(1)], len(digits), names[0][match.end(1):], int(digits), len(names))
+    return pattern if all(a == b for a, b in zip(pattern, names)) else names
 
 
 def _jpeg_size(path: str) -> tuple[int, int]:
@@ -440,7 +482,7 @@ def _decode_jpeg(path: str, min_short_side: int | None) -> np.ndarray:
 class _FrameFolder(Video):
     def __init__(self, path: str, fps: float) -> None:
         self.path, self.fps = path, float(fps)
-        self.files = _list_frame_files(path)
+        self.files = _frame_files(path)
 
     def _info(self) -> VideoInfo:
         width, height = _jpeg_size(os.path.join(self.path, self.files[0]))

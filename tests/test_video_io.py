@@ -216,6 +216,34 @@ def test_frame_folder_patterns(tmp_path, name_of):
     assert frame_ids(clip) == [11, 0, 5, 5, 0, 11]
 
 
+@pytest.mark.parametrize("numbers, name", [
+    (range(1, 13), "frame_{:05d}.jpg"),  # the original repository's
+    (range(1, 13), "AB12C-{:06d}.jpg"),  # Charades'
+    (range(7, 120, 10), "img{}.jpeg"),  # not consecutive
+    (range(95, 107), "{}.jpg"),  # no padding: 95.jpg ... 106.jpg
+    (range(95, 107), "f{:02d}.jpg"),  # padded to 2 digits, then 3
+])
+def test_frame_names_are_listed_once_and_kept_compact(tmp_path, monkeypatch, numbers, name):
+    folder = tmp_path / "v"
+    folder.mkdir()
+    for n in numbers:
+        (folder / name.format(n)).touch()
+    (folder / "notes.txt").touch()
+    names = video_io._frame_files(str(folder))
+    assert list(names) == [name.format(n) for n in numbers]
+    consecutive = numbers.step == 1
+    assert isinstance(names, video_io._NumberedNames) == consecutive
+    assert len(names) == 12 and names[-1] == name.format(numbers[-1])
+    with pytest.raises(IndexError):
+        names[12]
+
+    def no_listing(path):
+        raise AssertionError(f"{path} listed again")
+
+    monkeypatch.setattr(os, "listdir", no_listing)  # a second read of the folder in this process lists nothing
+    assert video_io._frame_files(str(folder)) is names
+
+
 def test_reduced_size_decoding(tmp_path):
     size = (320, 240)
     folder = write_frame_folder(tmp_path / "big", lambda i: f"frame_{i:05d}.jpg", num_frames=3, size=size)
