@@ -12,7 +12,10 @@ frame's timestamp and the keyframes. Then only the GOPs that hold a requested fr
 others, and frames no other frame refers to are skipped unless requested (where the decoder allows it per frame:
 H.264, HEVC, MPEG-2/4, VP8/9). This beats one decoding pass, a seek per frame, and torchcodec, which jumps over GOPs
 too but decodes every frame inside them, at every clip shape measured (benchmarks/README.md, bench_data.py), so
-"auto" is PyAV.
+"auto" is PyAV. A process keeps what the demuxer found in an MP4 (`_PacketIndex`: the packets' offsets, sizes,
+timestamps and keyframes, and the decoder's parameters, about 30 bytes a packet, up to `PACKET_INDEX_BUDGET` packets),
+and reads the file again without a demuxer: a bare decoder and just the packets it decodes (`_IndexedVideo`). The
+training loader's workers last for the whole run, so this pays from a worker's second clip of a video.
 
 `open_video` opens a file or folder once for its `info` and its frames: a training clip needs the length before it
 can choose its frames, and a second open would parse the header (and, for PyAV, probe the stream) again.
@@ -27,7 +30,8 @@ import functools
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from fractions import Fraction
 from typing import NamedTuple
 
 import av
@@ -78,10 +82,12 @@ def open_video(path: PathLike, backend: str = "auto", *, fps: float = 30.0) -> "
     _check_backend_name(backend)
     if os.path.isdir(path):
         return _FrameFolder(path, fps)
-    _check_file(path)
+    status = _check_file(path)
     if _resolve_backend(backend) == "torchcodec":
         return _TorchcodecVideo(path)
-    return _PyAVVideo(path)
+    version = (status.st_size, status.st_mtime_ns)  # a file changed on disk is read afresh
+    index = _packet_indexes.get(path)
+    return _IndexedVideo(path, index) if index is not None and index.version == version else _PyAVVideo(path, version)
 
 
 def probe(path: PathLike, backend: str = "auto", *, fps: float = 30.0) -> VideoInfo:
@@ -156,11 +162,16 @@ def _resolve_backend(backend: str) -> str:
     return "torchcodec" if backend == "torchcodec" else "pyav"
 
 
-def _check_file(path: str) -> None:
-    if not os.path.exists(path):
-        raise VideoReadError(f"{path}: no such file or folder")
-    if os.path.getsize(path) == 0:
+def _check_file(path: str) -> os.stat_result:
+    try:
+        status = os.stat(path)
+    except FileNotFoundError as error:
+        raise VideoReadError(f"{path}: no such file or folder") from error
+    except OSError as error:
+        raise VideoReadError(f"{path}: cannot be read ({error.strerror})") from error
+    if status.st_size == 0:
         raise VideoReadError(f"{path}: file is empty")
+    return status
 
 
 def _clamp(indices: list[int], num_frames: int) -> list[int]:
@@ -197,8 +208,9 @@ def _av_open(path: str) -> av.container.InputContainer:
 
 
 class _PyAVVideo(Video):
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, version: tuple[int, int] | None = None) -> None:
         self.path = path
+        self.version = version  # the file's size and modification time, or None not to index it
         self.container = _av_open(path)
         try:
             self.stream = _open_video_stream(self.container, path)
@@ -246,9 +258,115 @@ class _PyAVVideo(Video):
             decoded = _decode_in_order(codec, packets, sorted(set(indices)))
         else:
             indices = _clamp(indices, len(timestamps))
-            decoded = _decode_indexed(codec, packets, sorted(timestamps), sorted(set(indices)))
+            keyframes = [i for i, p in enumerate(packets) if p.is_keyframe]
+            decoded = _decode_indexed(codec, [p.pts for p in packets], keyframes, packets.__getitem__,
+                                      sorted(timestamps), sorted(set(indices)))
+            if decoded and self.version is not None:
+                _remember_packets(self)
+                self.version = None  # once per open
         if not decoded:
             raise VideoReadError(f"{self.path}: no frame could be decoded")
+        return _stack_hwc(self.path, [decoded[i] for i in indices])
+
+
+# A process keeps the packet index of each MP4/MOV file it has read, up to this many packets in all (29 bytes each:
+# the demo's 2,000 videos take 180,000; Kinetics-400's 240,000 training videos, about 70 times the budget).
+PACKET_INDEX_BUDGET = 1_000_000
+_MP4_DEMUXER = "mov,mp4,m4a,3gp,3g2,mj2"
+_PACKET_FIELDS = np.dtype([("pos", "<i8"), ("size", "<i4"), ("pts", "<i8"), ("dts", "<i8"), ("keyframe", "?")])
+# What a bare decoder needs besides the bitstream to give the pixels the file's own decoder gives.
+_DECODER_PARAMETERS = ("extradata", "codec_tag", "width", "height", "pix_fmt", "color_range", "colorspace",
+                       "color_primaries", "color_trc")
+
+
+class _PacketIndex(NamedTuple):
+    version: tuple[int, int]  # the file's size and modification time (ns) when it was indexed
+    info: VideoInfo
+    codec_name: str
+    parameters: dict
+    time_base: Fraction
+    packets: np.ndarray  # _PACKET_FIELDS, one row per packet in decode order
+
+
+_packet_indexes: dict[str, _PacketIndex] = {}  # by path
+_indexed_packets = 0  # in _packet_indexes, counted against the budget
+
+
+def _remember_packets(video: _PyAVVideo) -> None:
+    """Keep `video`'s packet index for the process's later reads of the file, where it qualifies.
+
+    Only MP4/MOV files, whose demuxer hands a video packet over as the bytes stored at its offset (checked here on the
+    first and last packet), and only streams whose packets all have offsets and timestamps, none discarded or with
+    side data. Nothing is evicted: once the budget is spent, later files are read through the demuxer as before.
+    """
+    global _indexed_packets
+    packets = video.packets()
+    stale = _packet_indexes.pop(video.path, None)  # the file has changed since it was indexed
+    if stale is not None:
+        _indexed_packets -= len(stale.packets)
+    if video.container.format.name != _MP4_DEMUXER or _indexed_packets + len(packets) > PACKET_INDEX_BUDGET:
+        return
+    if any(p.pos < 0 or p.pts is None or p.dts is None or p.is_discard or any(True for _ in p.iter_sidedata())
+           for p in packets):
+        return
+    table = np.array([(p.pos, p.size, p.pts, p.dts, p.is_keyframe) for p in packets], dtype=_PACKET_FIELDS)
+    with open(video.path, "rb") as file:
+        for row, packet in ((0, packets[0]), (-1, packets[-1])):
+            file.seek(table["pos"][row])
+            if file.read(table["size"][row]) != bytes(packet):
+                return
+    codec = video.stream.codec_context
+    parameters = {name: getattr(codec, name) for name in _DECODER_PARAMETERS}
+    _packet_indexes[video.path] = _PacketIndex(video.version, video.info, codec.name, parameters,
+                                               video.stream.time_base, table)
+    _indexed_packets += len(table)
+
+
+class _IndexedVideo(Video):
+    """An MP4 file this process has read before, decoded from its packet index without opening a demuxer.
+
+    Opening a file with FFmpeg probes its streams (decoding a little to learn their format) and demuxing reads every
+    packet's header: a fixed cost per clip, a large part of a short clip of a small video (the demo's coarse
+    multigrid shapes; benchmarks/README.md), a small one of a Kinetics clip. A file read once leaves its index
+    (`_remember_packets`: each packet's offset, size, timestamps and keyframe flag, and the decoder's parameters), so
+    a later read opens a bare decoder and reads from the file just the packets it decodes.
+    Should the index not decode, it is dropped and the file is read through the demuxer.
+    """
+
+    def __init__(self, path: str, index: _PacketIndex) -> None:
+        self.path = path
+        self.index = index
+
+    def _info(self) -> VideoInfo:
+        return self.index.info
+
+    def _read(self, indices: list[int], min_short_side: int | None) -> torch.Tensor:
+        index = self.index
+        table = index.packets
+        timestamps = table["pts"].tolist()
+        indices = _clamp(indices, len(timestamps))
+        try:
+            codec = av.CodecContext.create(index.codec_name, "r")
+            for name, value in index.parameters.items():
+                setattr(codec, name, value)
+            codec.thread_count = 1
+            with open(self.path, "rb") as file:
+
+                def packet_at(i: int) -> av.Packet:
+                    file.seek(int(table["pos"][i]))
+                    packet = av.Packet(file.read(int(table["size"][i])))
+                    packet.pts, packet.dts = timestamps[i], int(table["dts"][i])
+                    packet.time_base, packet.is_keyframe = index.time_base, bool(table["keyframe"][i])
+                    return packet
+
+                keyframes = np.flatnonzero(table["keyframe"]).tolist()
+                decoded = _decode_indexed(codec, timestamps, keyframes, packet_at, sorted(timestamps),
+                                          sorted(set(indices)))
+        except (av.FFmpegError, OSError, ValueError):
+            decoded = {}
+        if len(decoded) < len(set(indices)):  # the file no longer matches its index: read it through the demuxer
+            with _PyAVVideo(self.path, index.version) as video:  # which drops the index, or makes a new one
+                return video.read(indices, min_short_side=min_short_side)
         return _stack_hwc(self.path, [decoded[i] for i in indices])
 
 
@@ -266,35 +384,43 @@ def _rgb(frame: av.VideoFrame) -> np.ndarray:
     return frame.to_ndarray(format="rgb24", threads=1)  # (H, W, 3)
 
 
-def _gop_start(packets: list[av.Packet], keyframes: list[int], position: int, pts: int) -> int:
-    """Decode position of the last keyframe before `position` that a frame shown at `pts` can be decoded from."""
+def _gop_start(pts: list[int | None], keyframes: list[int], position: int, shown_at: int) -> int:
+    """Decode position of the last keyframe before `position` that a frame shown at `shown_at` can be decoded from."""
     k = bisect.bisect_right(keyframes, position) - 1
     # An open-GOP keyframe shows after the frames that lead it, so those start from an earlier keyframe.
-    while k > 0 and packets[keyframes[k]].pts > pts:
+    while k > 0 and pts[keyframes[k]] > shown_at:
         k -= 1
     return keyframes[k] if k >= 0 else 0
 
 
 def _decode_indexed(
-    codec: av.CodecContext, packets: list[av.Packet], timestamps: list[int], targets: list[int]
+    codec: av.CodecContext,
+    pts: list[int | None],
+    keyframes: list[int],
+    packet_at: Callable[[int], av.Packet],
+    timestamps: list[int],
+    targets: list[int],
 ) -> dict[int, np.ndarray]:
-    """Decode frames `targets` (sorted, unique presentation indices), skipping GOPs and frames not needed."""
+    """Decode frames `targets` (sorted, unique presentation indices), skipping GOPs and frames not needed.
+
+    `pts` and `keyframes` describe the stream's packets in decode order (their timestamps, the positions of the
+    keyframes), `packet_at(i)` gives packet i, and `timestamps` are the shown frames' timestamps, sorted.
+    """
     wanted = {timestamps[t]: t for t in targets}
-    position_of = {p.pts: i for i, p in enumerate(packets)}
-    keyframes = [i for i, p in enumerate(packets) if p.is_keyframe]
+    position_of = {p: i for i, p in enumerate(pts)}
     skip_unwanted = codec.name in _PER_FRAME_SKIP_DECODERS
     decoded: dict[int, np.ndarray] = {}
     last = None
-    position = 0  # next packet to send, in decode order; len(packets) sends the drain
+    position = 0  # next packet to send, in decode order; len(pts) sends the drain
     for t in targets:
         if t in decoded:
             continue
-        start = _gop_start(packets, keyframes, position_of[timestamps[t]], timestamps[t])
+        start = _gop_start(pts, keyframes, position_of[timestamps[t]], timestamps[t])
         if start > position:  # the target's GOP lies ahead: drop the decoder's state and jump to it
             codec.flush_buffers()
             position = start
-        while t not in decoded and position <= len(packets):
-            packet = packets[position] if position < len(packets) else None
+        while t not in decoded and position <= len(pts):
+            packet = packet_at(position) if position < len(pts) else None
             if skip_unwanted:  # frames no other frame refers to are decoded only when asked for
                 codec.skip_frame = "DEFAULT" if packet is None or packet.pts in wanted else "NONREF"
             for frame in _decode_packet(codec, packet):

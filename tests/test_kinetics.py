@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+import video_io
 from kinetics_multigrid import KineticsDataset, Video, build_kinetics, find_annotations
 from video_dataset import AnnotationError, ClipSpec, MissingDataError, TooManyFailuresError, jitter_for_crop
 from video_io import probe
@@ -238,6 +239,7 @@ def test_train_sampling_is_a_function_of_the_seed(tmp_path: Path):
 
 def test_a_clip_opens_its_video_once(tmp_path: Path, monkeypatch):
     """The length that places a clip and the frames it shows come from one open of the file."""
+    monkeypatch.setattr(video_io, "PACKET_INDEX_BUDGET", 0)  # later reads would not open it at all (test_video_io)
     ds = dataset([Video(str(write_mp4(tmp_path / "v.mp4", 40)), 1)])
     opened = []
     real_open = av.open

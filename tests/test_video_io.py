@@ -96,17 +96,55 @@ def test_read_frames_order_repeats_and_clamping(video, backend):
 
 @pytest.mark.parametrize(
     ("codec", "suffix"),
-    [("libx264", ".mp4"), ("libx265", ".mp4"), ("libvpx-vp9", ".webm"), ("libsvtav1", ".mp4"), ("mpeg4", ".avi")],
+    [("libx264", ".mp4"), ("libx265", ".mp4"), ("libvpx-vp9", ".webm"), ("libsvtav1", ".mp4"), ("mpeg4", ".avi"),
+     ("mpeg4", ".mp4")],
 )
-def test_sparse_reads_equal_full_decode(tmp_path, codec, suffix):
-    """Jumping over GOPs and skipping unwanted frames must give the same pixels as decoding every frame."""
+def test_sparse_reads_equal_full_decode(tmp_path, monkeypatch, codec, suffix):
+    """Jumping over GOPs and skipping unwanted frames must give the same pixels as decoding every frame.
+
+    The first read goes through the demuxer; an MP4's later reads decode from its packet index, with no demuxer.
+    """
     if codec not in av.codecs_available:
         pytest.skip(f"this FFmpeg build has no {codec} encoder")
     path = write_video(tmp_path / f"clip{suffix}", gop=10, codec=codec)
     every = read_frames(path, range(NUM_FRAMES), backend="pyav")
     assert frame_ids(every) == list(range(NUM_FRAMES))
-    for indices in ([2, 13, 27], [29], [11, 12], [28, 1, 15, 15]):
+    with video_io.open_video(path) as opened:
+        assert isinstance(opened, video_io._IndexedVideo) == (suffix == ".mp4")
+        assert opened.info == VideoInfo(NUM_FRAMES, 30.0, HEIGHT, WIDTH)
+    if suffix == ".mp4":
+        monkeypatch.setattr(av, "open", lambda *args, **kwargs: pytest.fail("the packet index was not used"))
+    for indices in ([2, 13, 27], [29], [11, 12], [28, 1, 15, 15], [0, 9, 10, 19, 20]):
         assert torch.equal(read_frames(path, indices, backend="pyav"), every[indices])
+
+
+def test_packet_index_follows_the_file(tmp_path):
+    """A file rewritten after its first read is read afresh; an index that no longer decodes is made again."""
+    path = write_video(tmp_path / "clip.mp4")
+    read_frames(path, [0])
+    write_video(path, num_frames=20)
+    assert probe(path).num_frames == 20
+    assert frame_ids(read_frames(path, [19, 3, 40])) == [19, 3, 19]
+    index = video_io._packet_indexes[path]
+    assert len(index.packets) == 20
+    broken = index.packets.copy()
+    broken["pos"] = os.path.getsize(path) + 1000  # no packet's bytes where the index says they are
+    video_io._packet_indexes[path] = index._replace(packets=broken)
+    assert frame_ids(read_frames(path, [19, 3])) == [19, 3]
+    assert video_io._packet_indexes[path].packets is not broken  # made again from the demuxer's packets
+
+
+def test_packet_index_budget(tmp_path, monkeypatch):
+    """Once the process's budget of indexed packets is spent, files are read through the demuxer as before."""
+    first, second = write_video(tmp_path / "first.mp4"), write_video(tmp_path / "second.mp4")
+    monkeypatch.setattr(video_io, "_packet_indexes", {})
+    monkeypatch.setattr(video_io, "_indexed_packets", 0)
+    monkeypatch.setattr(video_io, "PACKET_INDEX_BUDGET", NUM_FRAMES + NUM_FRAMES // 2)
+    for path in (first, second):
+        read_frames(path, [1])
+    assert isinstance(video_io.open_video(first), video_io._IndexedVideo)
+    assert isinstance(video_io.open_video(second), video_io._PyAVVideo)
+    assert video_io._indexed_packets == NUM_FRAMES
 
 
 def test_both_backends_give_identical_frames(video):
