@@ -301,9 +301,7 @@ def _remember_packets(video: _PyAVVideo) -> None:
     """
     global _indexed_packets
     packets = video.packets()
-    stale = _packet_indexes.pop(video.path, None)  # the file has changed since it was indexed
-    if stale is not None:
-        _indexed_packets -= len(stale.packets)
+    _forget_packet_index(video.path)  # the file has changed since it was indexed, or its index did not decode
     if video.container.format.name != _MP4_DEMUXER or _indexed_packets + len(packets) > PACKET_INDEX_BUDGET:
         return
     if any(p.pos < 0 or p.pts is None or p.dts is None or p.is_discard or any(True for _ in p.iter_sidedata())
@@ -320,6 +318,13 @@ def _remember_packets(video: _PyAVVideo) -> None:
     _packet_indexes[video.path] = _PacketIndex(video.version, video.info, codec.name, parameters,
                                                video.stream.time_base, table)
     _indexed_packets += len(table)
+
+
+def _forget_packet_index(path: str) -> None:
+    global _indexed_packets
+    stale = _packet_indexes.pop(path, None)
+    if stale is not None:
+        _indexed_packets -= len(stale.packets)
 
 
 class _IndexedVideo(Video):
