@@ -347,9 +347,8 @@ class _IndexedVideo(Video):
 
     def _read(self, indices: list[int], min_short_side: int | None) -> torch.Tensor:
         index = self.index
-        table = index.packets
-        timestamps = table["pts"].tolist()
-        indices = _clamp(indices, len(timestamps))
+        pos, size, pts, dts, keyframe = (index.packets[field].tolist() for field in _PACKET_FIELDS.names)
+        indices = _clamp(indices, len(pts))
         try:
             codec = av.CodecContext.create(index.codec_name, "r")
             for name, value in index.parameters.items():
@@ -358,15 +357,14 @@ class _IndexedVideo(Video):
             with open(self.path, "rb") as file:
 
                 def packet_at(i: int) -> av.Packet:
-                    file.seek(int(table["pos"][i]))
-                    packet = av.Packet(file.read(int(table["size"][i])))
-                    packet.pts, packet.dts = timestamps[i], int(table["dts"][i])
-                    packet.time_base, packet.is_keyframe = index.time_base, bool(table["keyframe"][i])
+                    file.seek(pos[i])
+                    packet = av.Packet(file.read(size[i]))
+                    packet.pts, packet.dts, packet.is_keyframe = pts[i], dts[i], keyframe[i]
+                    packet.time_base = index.time_base
                     return packet
 
-                keyframes = np.flatnonzero(table["keyframe"]).tolist()
-                decoded = _decode_indexed(codec, timestamps, keyframes, packet_at, sorted(timestamps),
-                                          sorted(set(indices)))
+                keyframes = [i for i, key in enumerate(keyframe) if key]
+                decoded = _decode_indexed(codec, pts, keyframes, packet_at, sorted(pts), sorted(set(indices)))
         except (av.FFmpegError, OSError, ValueError):
             decoded = {}
         if len(decoded) < len(set(indices)):  # the file no longer matches its index: read it through the demuxer
