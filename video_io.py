@@ -15,7 +15,9 @@ too but decodes every frame inside them, at every clip shape measured (benchmark
 "auto" is PyAV. A process keeps what the demuxer found in an MP4 (`_PacketIndex`: the packets' offsets, sizes,
 timestamps and keyframes, and the decoder's parameters, about 30 bytes a packet, up to `PACKET_INDEX_BUDGET` packets),
 and reads the file again without a demuxer: a bare decoder and just the packets it decodes (`_IndexedVideo`). The
-training loader's workers last for the whole run, so this pays from a worker's second clip of a video.
+training loader's workers last for the whole run, so this pays from a worker's second clip of a video. An index
+written beside the video (`write_packet_index`, `<video>.packets`; tools/index_videos.py, prepare_kinetics.py and
+make_demo_data.py write them) serves every process from its first clip of the video on.
 
 `open_video` opens a file or folder once for its `info` and its frames: a training clip needs the length before it
 can choose its frames, and a second open would parse the header (and, for PyAV, probe the stream) again.
@@ -25,11 +27,16 @@ before its reported length (truncated after its header, or with corrupt packets)
 decode. Anything that cannot give a single frame raises `VideoReadError` naming the path and the problem.
 """
 
+import base64
 import bisect
+import contextlib
 import functools
+import json
 import os
 import re
 import sys
+import warnings
+import zlib
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import NamedTuple
@@ -87,7 +94,9 @@ def open_video(path: PathLike, backend: str = "auto", *, fps: float = 30.0) -> "
         return _TorchcodecVideo(path)
     version = (status.st_size, status.st_mtime_ns)  # a file changed on disk is read afresh
     index = _packet_indexes.get(path)
-    return _IndexedVideo(path, index) if index is not None and index.version == version else _PyAVVideo(path, version)
+    if index is None or index.version != version:
+        index = _load_packet_index(path, version)
+    return _IndexedVideo(path, index) if index is not None else _PyAVVideo(path, version)
 
 
 def probe(path: PathLike, backend: str = "auto", *, fps: float = 30.0) -> VideoInfo:
@@ -292,32 +301,48 @@ _packet_indexes: dict[str, _PacketIndex] = {}  # by path
 _indexed_packets = 0  # in _packet_indexes, counted against the budget
 
 
-def _remember_packets(video: _PyAVVideo) -> None:
-    """Keep `video`'s packet index for the process's later reads of the file, where it qualifies.
+def _index_packets(video: _PyAVVideo) -> _PacketIndex | None:
+    """`video`'s packet index, or None where its packets cannot be read without the demuxer.
 
     Only MP4/MOV files, whose demuxer hands a video packet over as the bytes stored at its offset (checked here on the
     first and last packet), and only streams whose packets all have offsets and timestamps, none discarded or with
-    side data. Nothing is evicted: once the budget is spent, later files are read through the demuxer as before.
+    side data.
     """
-    global _indexed_packets
     packets = video.packets()
-    _forget_packet_index(video.path)  # the file has changed since it was indexed, or its index did not decode
-    if video.container.format.name != _MP4_DEMUXER or _indexed_packets + len(packets) > PACKET_INDEX_BUDGET:
-        return
+    if video.container.format.name != _MP4_DEMUXER or not packets:
+        return None
     if any(p.pos < 0 or p.pts is None or p.dts is None or p.is_discard or any(True for _ in p.iter_sidedata())
            for p in packets):
-        return
+        return None
     table = np.array([(p.pos, p.size, p.pts, p.dts, p.is_keyframe) for p in packets], dtype=_PACKET_FIELDS)
-    with open(video.path, "rb") as file:
-        for row, packet in ((0, packets[0]), (-1, packets[-1])):
-            file.seek(table["pos"][row])
-            if file.read(table["size"][row]) != bytes(packet):
-                return
+    if _end_packets(video.path, table) != [bytes(packets[0]), bytes(packets[-1])]:
+        return None
     codec = video.stream.codec_context
     parameters = {name: getattr(codec, name) for name in _DECODER_PARAMETERS}
-    _packet_indexes[video.path] = _PacketIndex(video.version, video.info, codec.name, parameters,
-                                               video.stream.time_base, table)
-    _indexed_packets += len(table)
+    return _PacketIndex(video.version, video.info, codec.name, parameters, video.stream.time_base, table)
+
+
+def _end_packets(path: str, table: np.ndarray) -> list[bytes]:
+    """The bytes the index places at its first and last packet."""
+    with open(path, "rb") as file:
+        return [os.pread(file.fileno(), int(table["size"][row]), int(table["pos"][row])) for row in (0, -1)]
+
+
+def _remember_packets(video: _PyAVVideo) -> None:
+    """Keep `video`'s packet index for the process's later reads of the file, where it qualifies (`_index_packets`).
+
+    Nothing is evicted: once the budget is spent, later files are read through the demuxer as before.
+    """
+    _forget_packet_index(video.path)  # the file has changed since it was indexed, or its index did not decode
+    if _indexed_packets + len(video.packets()) <= PACKET_INDEX_BUDGET:
+        _keep(video.path, _index_packets(video))
+
+
+def _keep(path: str, index: _PacketIndex | None) -> None:
+    global _indexed_packets
+    if index is not None and _indexed_packets + len(index.packets) <= PACKET_INDEX_BUDGET:
+        _packet_indexes[path] = index
+        _indexed_packets += len(index.packets)
 
 
 def _forget_packet_index(path: str) -> None:
@@ -327,6 +352,87 @@ def _forget_packet_index(path: str) -> None:
         _indexed_packets -= len(stale.packets)
 
 
+# A packet index written beside its video (`write_packet_index`) serves every process's first read of the file: an
+# ASCII magic line, one JSON line (the video's size and the CRC-32 of its first and last packet, to tell a changed
+# file; VideoInfo; the decoder's name and parameters; the time base; the packet count), then the packet table.
+PACKET_INDEX_SUFFIX = ".packets"
+_INDEX_MAGIC = b"X3D packet index 1\n"
+_warned_about_index_files = False
+
+
+def write_packet_index(path: PathLike) -> bool:
+    """Write the packet index of the MP4 file `path` beside it (`<path>.packets`), atomically.
+
+    Any process then reads the file without a demuxer from its first clip on, where the index a process makes itself
+    (`_remember_packets`) serves only its later reads, and only within its budget. Returns False, and removes an
+    older index file, where the video does not qualify (`_index_packets`: not MP4/MOV, packets without offsets or
+    timestamps). Raises `VideoReadError` for a file that cannot be read as a video.
+    """
+    path = os.fspath(path)
+    status = _check_file(path)
+    with _PyAVVideo(path, (status.st_size, status.st_mtime_ns)) as video:
+        video.info  # noqa: B018 (raises for a file without a video stream or frames)
+        index = _index_packets(video)
+    target = path + PACKET_INDEX_SUFFIX
+    if index is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(target)
+        return False
+    parameters = dict(index.parameters)
+    if parameters["extradata"] is not None:
+        parameters["extradata"] = base64.b64encode(parameters["extradata"]).decode("ascii")
+    header = {"video_bytes": index.version[0], "end_crc32": [zlib.crc32(b) for b in _end_packets(path, index.packets)],
+              "info": list(index.info), "codec": index.codec_name, "parameters": parameters,
+              "time_base": [index.time_base.numerator, index.time_base.denominator], "packets": len(index.packets)}
+    temporary = f"{target}.{os.getpid()}.tmp"
+    with open(temporary, "wb") as file:
+        file.write(_INDEX_MAGIC + json.dumps(header).encode("ascii") + b"\n" + index.packets.tobytes())
+    os.replace(temporary, target)
+    return True
+
+
+def _load_packet_index(path: str, version: tuple[int, int]) -> _PacketIndex | None:
+    """The index written beside `path`, kept within the budget; None where there is none or it does not match."""
+    index_file = path + PACKET_INDEX_SUFFIX
+    try:
+        with open(index_file, "rb") as file:
+            data = file.read()
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        return _ignore_index_file(index_file, f"cannot be read ({error.strerror})")
+    try:
+        if not data.startswith(_INDEX_MAGIC):
+            raise ValueError("no packet index header")
+        end = data.index(b"\n", len(_INDEX_MAGIC))
+        header = json.loads(data[len(_INDEX_MAGIC):end])
+        table = np.frombuffer(data, dtype=_PACKET_FIELDS, count=header["packets"], offset=end + 1)
+        if end + 1 + table.nbytes != len(data) or not len(table):
+            raise ValueError(f"{len(data) - end - 1} bytes of packets for {header['packets']} packets")
+        parameters = {name: header["parameters"][name] for name in _DECODER_PARAMETERS}
+        if parameters["extradata"] is not None:
+            parameters["extradata"] = base64.b64decode(parameters["extradata"])
+        num_frames, fps, height, width = header["info"]
+        index = _PacketIndex(version, VideoInfo(int(num_frames), float(fps), int(height), int(width)),
+                             str(header["codec"]), parameters, Fraction(*header["time_base"]), table)
+        if header["video_bytes"] != version[0] or header["end_crc32"] != [
+                zlib.crc32(b) for b in _end_packets(path, table)]:
+            return _ignore_index_file(index_file, "does not match its video (the video changed after it was indexed)")
+    except (ValueError, KeyError, TypeError, ZeroDivisionError, OSError) as error:  # JSONDecodeError is a ValueError
+        return _ignore_index_file(index_file, f"is not a readable packet index ({error})")
+    _keep(path, index)
+    return index
+
+
+def _ignore_index_file(index_file: str, problem: str) -> None:
+    """Report the first unusable index file of the process; its video is read through the demuxer."""
+    global _warned_about_index_files
+    if not _warned_about_index_files:
+        _warned_about_index_files = True
+        warnings.warn(f"{index_file} {problem}; reading the video through its demuxer instead (further such files "
+                      f"are not reported; `python tools/index_videos.py <folder>` writes them again)", stacklevel=4)
+
+
 class _IndexedVideo(Video):
     """An MP4 file this process has read before, decoded from its packet index without opening a demuxer.
 
@@ -334,7 +440,8 @@ class _IndexedVideo(Video):
     packet's header: a fixed cost per clip, a large part of a short clip of a small video (the demo's coarse
     multigrid shapes; benchmarks/README.md), a small one of a Kinetics clip. A file read once leaves its index
     (`_remember_packets`: each packet's offset, size, timestamps and keyframe flag, and the decoder's parameters), so
-    a later read opens a bare decoder and reads from the file just the packets it decodes.
+    a later read opens a bare decoder and reads from the file just the packets it decodes. The index can also come
+    from a file beside the video (`write_packet_index`), for a process's first read.
     Should the index not decode, it is dropped and the file is read through the demuxer.
     """
 
@@ -365,7 +472,7 @@ class _IndexedVideo(Video):
 
                 keyframes = [i for i, key in enumerate(keyframe) if key]
                 decoded = _decode_indexed(codec, pts, keyframes, packet_at, sorted(pts), sorted(set(indices)))
-        except (av.FFmpegError, OSError, ValueError):
+        except (av.FFmpegError, OSError, ValueError, TypeError):
             decoded = {}
         if len(decoded) < len(set(indices)):  # the file no longer matches its index: read it through the demuxer
             with _PyAVVideo(self.path, index.version) as video:  # which drops the index, or makes a new one

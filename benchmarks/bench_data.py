@@ -9,13 +9,16 @@ a JPEG folder and as a 640x480 JPEG folder (Charades-like frames), and 170x128 d
 frames, as tools/make_demo_data.py writes them, and a single keyframe) and folder. Each cell reads clips at random
 start positions with `video_io.read_frames` and augments them with `transforms.train_clip` (or `test_clip`), one
 thread, as a data-loader worker does; after the first clip of a file, video_io reads an MP4 from the packet index it
-kept, and the "first read" row forgets that index before every clip. The "one decoding pass" rows
-decode every frame up to the last one needed, the usual simple reader, for comparison with video_io's reader.
+kept. The "first read" rows forget that index before every clip, as a worker's first clip of a video is read: from
+the index file written beside the video (`video_io.write_packet_index`, as tools/prepare_kinetics.py writes them), or,
+from a copy of the video without one, through FFmpeg's demuxer. The "one decoding pass" rows decode every frame up to
+the last one needed, the usual simple reader, for comparison with video_io's reader.
 """
 
 import argparse
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -133,10 +136,14 @@ def make_inputs(root: str, seed: int) -> dict[str, str]:
         "demo_jpeg": os.path.join(root, "demo_jpeg"),
     }
     write_mp4(paths["kinetics_gop2s"], kinetics, 60)
+    write_mp4(paths["demo_gop16"], demo, 16)
+    for name in ("kinetics_gop2s", "demo_gop16"):  # the videos with an index file, and copies without
+        video_io.write_packet_index(paths[name])
+        paths[f"{name}_unindexed"] = paths[name].replace(".mp4", "_unindexed.mp4")
+        shutil.copyfile(paths[name], paths[f"{name}_unindexed"])
     write_mp4(paths["kinetics_gop10s"], kinetics, 300)
     write_jpegs(paths["kinetics_jpeg"], kinetics)
     write_jpegs(paths["charades_jpeg"], kinetics, size=(640, 480))
-    write_mp4(paths["demo_gop16"], demo, 16)
     write_mp4(paths["demo_gop150"], demo, 150)
     write_jpegs(paths["demo_jpeg"], demo)
     return paths
@@ -166,7 +173,7 @@ def reader(backend: str, reduced: bool = False, first_read: bool = False) -> Cal
     """video_io.read_frames with a fixed backend; `reduced` passes min_short_side (used by JPEG folders).
 
     A process reads an MP4 it has read before from its packet index (video_io); `first_read` forgets the index before
-    every read, so that each one opens the file with the demuxer as a worker's first clip of a video does.
+    every read, so that each one is read as a worker's first clip of a video is.
     """
 
     def read(path: str, indices: list[int], min_short_side: int) -> torch.Tensor:
@@ -201,10 +208,13 @@ class Row(NamedTuple):
 def benchmark_rows(paths: dict[str, str]) -> list[Row]:
     """Every (input format, reader) pair the table compares."""
     gop_2s = {"kinetics": paths["kinetics_gop2s"], "demo": paths["demo_gop16"]}
+    unindexed = {"kinetics": paths["kinetics_gop2s_unindexed"], "demo": paths["demo_gop16_unindexed"]}
     single_keyframe = {"kinetics": paths["kinetics_gop10s"], "demo": paths["demo_gop150"]}
     rows = [
         Row("mp4, keyframe every 2 s (demo: 16 frames): video_io PyAV", gop_2s, reader("pyav")),
-        Row("mp4, keyframe every 2 s (demo: 16 frames): video_io PyAV, first read", gop_2s,
+        Row("mp4, keyframe every 2 s (demo: 16 frames): video_io PyAV, first read, index file", gop_2s,
+            reader("pyav", first_read=True)),
+        Row("mp4, keyframe every 2 s (demo: 16 frames): video_io PyAV, first read, no index file", unindexed,
             reader("pyav", first_read=True)),
         Row("mp4, keyframe every 2 s (demo: 16 frames): one decoding pass", gop_2s, read_one_pass),
         Row("mp4, one keyframe: video_io PyAV", single_keyframe, reader("pyav")),

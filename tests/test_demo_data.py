@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import video_io
+
 ROOT = Path(__file__).resolve().parents[1]
 # tools/ is a folder of scripts, not a package; the generator's spawned workers import it by this name
 sys.path.insert(0, str(ROOT / "tools"))
@@ -70,7 +72,10 @@ def test_kinetics_layout_and_csv(small: Path) -> None:
             assert int(r["time_end"]) - int(r["time_start"]) == 2
             assert kinetics_path(root, r).is_file()
             files.add(kinetics_path(root, r))
-    assert set(root.rglob("*.mp4")) == files  # nothing else was written
+    assert set(root.rglob("*.mp4")) == files  # no other video was written
+    assert {p for p in root.rglob("*") if p.is_file()} - files == {
+        root / "labels.txt", root / "annotations" / "train.csv", root / "annotations" / "validate.csv",
+        *(Path(f"{f}{video_io.PACKET_INDEX_SUFFIX}") for f in files)}  # and each video's packet index
     assert len({p.name[:11] for p in files}) == len(files)
 
 

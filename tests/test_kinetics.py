@@ -355,9 +355,12 @@ def test_prepare_kinetics_writes_lists_and_reencodes(official_root: Path, tmp_pa
     encoded = out / lines[0].rsplit(" ", 1)[0]
     info = probe(encoded)
     assert (info.num_frames, info.fps, info.height, info.width) == (40, 30.0, 32, 42)
+    index_file = Path(f"{encoded}{video_io.PACKET_INDEX_SUFFIX}")
+    assert index_file.is_file()  # each output gets its packet index
     mtime = encoded.stat().st_mtime_ns
-    prepare_kinetics.main(args)  # resumable: valid outputs are kept
-    assert encoded.stat().st_mtime_ns == mtime
+    index_file.unlink()
+    prepare_kinetics.main(args)  # resumable: valid outputs are kept, and indexed where they are not yet
+    assert encoded.stat().st_mtime_ns == mtime and index_file.is_file()
     ds = build_kinetics(out, "val", mode="test", num_temporal_views=1, num_spatial_crops=1, frames=4,
                         sampling_rate=2, test_crop=32, **PLAIN)
     assert ds.labels == [1] and decode_indices(ds[0][0]) == [16, 18, 20, 23]

@@ -2,6 +2,8 @@
 
 import gc
 import os
+import sys
+from pathlib import Path
 
 import av
 import numpy as np
@@ -12,6 +14,9 @@ from PIL import Image
 
 import video_io
 from video_io import VideoInfo, VideoReadError, probe, read_frames
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import index_videos  # noqa: E402
 
 WIDTH, HEIGHT, NUM_FRAMES = 64, 48, 30
 _TEXTURE = np.random.default_rng(0).integers(-12, 13, (HEIGHT, WIDTH, 1))
@@ -112,10 +117,14 @@ def test_sparse_reads_equal_full_decode(tmp_path, monkeypatch, codec, suffix):
     with video_io.open_video(path) as opened:
         assert isinstance(opened, video_io._IndexedVideo) == (suffix == ".mp4")
         assert opened.info == VideoInfo(NUM_FRAMES, 30.0, HEIGHT, WIDTH)
+    assert video_io.write_packet_index(path) == (suffix == ".mp4")
     if suffix == ".mp4":
         monkeypatch.setattr(av, "open", lambda *args, **kwargs: pytest.fail("the packet index was not used"))
-    for indices in ([2, 13, 27], [29], [11, 12], [28, 1, 15, 15], [0, 9, 10, 19, 20]):
-        assert torch.equal(read_frames(path, indices, backend="pyav"), every[indices])
+    for from_file in (False, True):  # the index the process made, then the one written beside the video
+        for indices in ([2, 13, 27], [29], [11, 12], [28, 1, 15, 15], [0, 9, 10, 19, 20]):
+            if from_file:
+                video_io._forget_packet_index(path)
+            assert torch.equal(read_frames(path, indices, backend="pyav"), every[indices])
 
 
 def test_packet_index_follows_the_file(tmp_path):
@@ -132,6 +141,58 @@ def test_packet_index_follows_the_file(tmp_path):
     video_io._packet_indexes[path] = index._replace(packets=broken)
     assert frame_ids(read_frames(path, [19, 3])) == [19, 3]
     assert video_io._packet_indexes[path].packets is not broken  # made again from the demuxer's packets
+
+
+def test_packet_index_file_follows_the_video(tmp_path, monkeypatch):
+    """An index file that does not match its video is reported once and the video is read through the demuxer."""
+    path = write_video(tmp_path / "clip.mp4")
+    index_file = path + video_io.PACKET_INDEX_SUFFIX
+    assert video_io.write_packet_index(path)
+    written = open_bytes(index_file)
+    write_video(path, num_frames=20)  # the video changes after it was indexed
+    monkeypatch.setattr(video_io, "_packet_indexes", {})
+    monkeypatch.setattr(video_io, "_indexed_packets", 0)
+    monkeypatch.setattr(video_io, "_warned_about_index_files", False)
+    with pytest.warns(UserWarning, match="clip.mp4.packets does not match its video"):
+        assert frame_ids(read_frames(path, [19, 3, 40])) == [19, 3, 19]
+    assert len(video_io._packet_indexes[path].packets) == 20  # made from the demuxer's packets
+    assert video_io.write_packet_index(path)
+    first = video_io._packet_indexes[path].packets[0]
+    with open(path, "r+b") as file:  # the same size, another byte in the first packet
+        file.seek(int(first["pos"]) + int(first["size"]) - 1)
+        last_byte = file.read(1)
+        file.seek(-1, os.SEEK_CUR)
+        file.write(bytes([last_byte[0] ^ 0xFF]))
+    monkeypatch.setattr(video_io, "_packet_indexes", {})
+    monkeypatch.setattr(video_io, "_warned_about_index_files", False)
+    with pytest.warns(UserWarning, match="clip.mp4.packets does not match its video"):
+        read_frames(path, [19, 3])
+    for broken in (b"not an index", written[:-5], written.replace(b'"packets": 30', b'"packets": 3'), written[:40]):
+        with open(index_file, "wb") as file:
+            file.write(broken)
+        monkeypatch.setattr(video_io, "_packet_indexes", {})
+        monkeypatch.setattr(video_io, "_warned_about_index_files", False)
+        with pytest.warns(UserWarning, match="clip.mp4.packets is not a readable packet index"):
+            assert frame_ids(read_frames(path, [19, 3])) == [19, 3]
+    assert video_io.write_packet_index(path)  # written again, for the new video
+    monkeypatch.setattr(video_io, "_packet_indexes", {})
+    monkeypatch.setattr(av, "open", lambda *args, **kwargs: pytest.fail("the index file was not used"))
+    assert frame_ids(read_frames(path, [19, 3])) == [19, 3]
+
+
+def test_index_videos_tool(tmp_path, capsys):
+    """tools/index_videos.py indexes the MP4 files under a folder, counts those it cannot index, names broken ones."""
+    write_video(tmp_path / "a.mp4")
+    os.makedirs(tmp_path / "sub")
+    write_video(tmp_path / "sub" / "b.MOV")
+    write_video(tmp_path / "c.avi", codec="mpeg4")  # not looked at: only MP4 files are indexed
+    os.replace(write_video(tmp_path / "d.ts"), tmp_path / "d.mp4")  # MPEG-TS named .mp4: no packet offsets to keep
+    (tmp_path / "e.mp4").write_bytes(b"\x00" * 100)
+    (tmp_path / "d.mp4.packets").write_bytes(b"stale")
+    args = index_videos.get_args_parser().parse_args([str(tmp_path), "--workers", "2"])
+    assert index_videos.main(args) == {"indexed": 2, "not indexable": 1, "unreadable": 1}
+    assert "e.mp4: cannot open as a video" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.rglob("*.packets")) == ["a.mp4.packets", "b.MOV.packets"]
 
 
 def test_packet_index_budget(tmp_path, monkeypatch):

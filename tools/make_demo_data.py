@@ -7,6 +7,7 @@
 Kinetics-style (DIR/kinetics): H.264 mp4 files at 30 fps, a keyframe every 16 frames, in the official layout
     annotations/{train,validate}.csv   label,youtube_id,time_start,time_end,split
     {train,val}/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4
+    {train,val}/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4.packets   its packet index (tools/index_videos.py)
     labels.txt                         one class per line, alphabetical (= the class index)
 or, with --kinetics-format jpeg, a folder of frames per video in place of each mp4: <name>/frame_00001.jpg, ...
 
@@ -45,6 +46,7 @@ import multiprocessing
 import os
 import shutil
 import string
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -55,6 +57,8 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repository
 
 KINETICS_FPS = 30
 CHARADES_FPS = 24
@@ -432,10 +436,13 @@ def write_mp4(path: str, frames: Iterable[np.ndarray], job: VideoJob) -> None:
 
 
 def render_video(job: VideoJob) -> int:
-    """Render one job to disk; returns the bytes written."""
+    """Render one job to disk; returns the bytes written (an mp4 file's packet index included)."""
     if not job.jpeg:
+        import video_io  # here, not at the top: it imports torch, which the frame folders do not need
+
         write_mp4(job.path, render_frames(job), job)
-        return os.path.getsize(job.path)
+        video_io.write_packet_index(job.path)
+        return os.path.getsize(job.path) + os.path.getsize(job.path + video_io.PACKET_INDEX_SUFFIX)
     folder = Path(job.path)
     folder.mkdir(parents=True, exist_ok=True)
     total = 0

@@ -11,8 +11,11 @@ then reads the list files.
 
 With --short-side the videos are re-encoded with PyAV (H.264, no audio, same frame rate) to that short side under
 <out>/<split>/<label>/, with a keyframe every --keyframe-interval frames: decoding a 16-frame clip then touches a
-few short GOPs instead of whole seconds of video. The job is resumable: a video whose output exists and opens is
-skipped, and outputs are written to a temporary file and renamed, so an interrupted run never leaves a half file.
+few short GOPs instead of whole seconds of video, and each gets its packet index beside it (`<video>.packets`,
+tools/index_videos.py), so that loader workers read it without a demuxer. The job is resumable: a video whose output
+exists and opens is skipped (and indexed if it has no index yet), and outputs are written to a temporary file and
+renamed, so an interrupted run never leaves a half file. Without --short-side the original videos are left as they
+are; `python tools/index_videos.py <root>` indexes them where they are MP4 files.
 """
 
 import argparse
@@ -27,7 +30,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kinetics_multigrid import index_videos, read_official_csv  # noqa: E402
-from video_io import VideoReadError, probe  # noqa: E402
+from video_io import PACKET_INDEX_SUFFIX, VideoReadError, probe, write_packet_index  # noqa: E402
 
 CSV_NAMES = {"train": ("train.csv",), "val": ("validate.csv", "val.csv")}
 
@@ -94,13 +97,15 @@ def reencode(src: str, dst: Path, short_side: int, keyframe_interval: int, crf: 
 
 
 def _reencode_job(job: tuple[str, Path, int, int, int]) -> tuple[Path, str | None]:
-    """Worker entry: (output path, None) or (output path, why it failed)."""
+    """Worker entry: (output path, None) or (output path, why it failed). Each output gets its packet index."""
     src, dst = job[0], job[1]
-    if is_valid_video(dst):
-        return dst, None
+    done = is_valid_video(dst)
     try:
-        reencode(*job)
-    except (av.FFmpegError, OSError, IndexError, ValueError) as error:  # IndexError: no video stream
+        if not done:
+            reencode(*job)
+        if not done or not os.path.exists(f"{dst}{PACKET_INDEX_SUFFIX}"):
+            write_packet_index(dst)
+    except (av.FFmpegError, OSError, IndexError, ValueError, VideoReadError) as error:  # IndexError: no video stream
         return dst, f"{src}: {error!r}"
     return dst, None
 
