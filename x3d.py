@@ -320,7 +320,19 @@ class SqueezeExcitation(nn.Module):
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, 1, 1, 1) factors in (0, 1) from the clip-wide average of x."""
-        return torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3, 4), keepdim=True)), inplace=True)))
+        return torch.sigmoid(on_pooled(self.fc2, F.relu(on_pooled(self.fc1, x.mean((2, 3, 4), keepdim=True)),
+                                                       inplace=True)))
+
+
+def on_pooled(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """`conv` (1x1x1) applied to pooled features (N, C, T, 1, 1) as the matrix product it is, with its own parameters.
+
+    With a few positions per clip a convolution is a poor way to run a matrix product: oneDNN's 1x1x1 convolution
+    forward and backward on the CPU take several times as long as the same product through F.linear's GEMMs
+    (benchmarks/README.md), most at multigrid's many-clip shapes.
+    """
+    out = F.linear(x.permute(0, 2, 3, 4, 1), conv.weight.flatten(1), conv.bias)  # (N, T, 1, 1, C_out)
+    return out.permute(0, 4, 1, 2, 3)
 
 
 class Stem(nn.Module):
@@ -417,7 +429,7 @@ class X3DHead(nn.Module):
         x = self.pre_conv(x) if self.folded else F.relu(self.pre_bn(self.pre_conv(x)), inplace=True)
         # Adaptive pooling (a mean), so every clip length and crop works: (N, C, T, 1, 1) or (N, C, 1, 1, 1).
         x = x.mean((3, 4), keepdim=True) if self.per_frame else x.mean((2, 3, 4), keepdim=True)
-        x = self.post_conv(x) if self.folded else F.relu(self.post_conv(x), inplace=True)
+        x = self.post_conv(x) if self.folded else F.relu(on_pooled(self.post_conv, x), inplace=True)
         x = self.classifier(self.dropout(x.flatten(2).transpose(1, 2)))  # (N, T or 1, 2048) -> (N, T or 1, K)
         return x.transpose(1, 2) if self.per_frame else x[:, 0]
 
