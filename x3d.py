@@ -44,6 +44,10 @@ from fused_conv import FusedConv3d
 logger = logging.getLogger(__name__)
 
 INPUT_FIELDS = ("frames", "sampling_rate", "train_crop", "train_jitter", "test_crop")
+# Positions per clip (T x H x W) up to which the CPU runs a 1x1x1 convolution as a matrix product (PointwiseConv3d):
+# it paid at 32-128 positions on an Intel Xeon with AVX-512 and at 100-400 on an AMD EPYC with AVX2, and lost at a
+# 392-position layer on the first and at 1600 on the second (benchmarks/README.md).
+MATMUL_POSITIONS = 128
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -320,19 +324,38 @@ class SqueezeExcitation(nn.Module):
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, 1, 1, 1) factors in (0, 1) from the clip-wide average of x."""
-        return torch.sigmoid(on_pooled(self.fc2, F.relu(on_pooled(self.fc1, x.mean((2, 3, 4), keepdim=True)),
+        return torch.sigmoid(as_matmul(self.fc2, F.relu(as_matmul(self.fc1, x.mean((2, 3, 4), keepdim=True)),
                                                        inplace=True)))
 
 
-def on_pooled(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-    """`conv` (1x1x1) applied to pooled features (N, C, T, 1, 1) as the matrix product it is, with its own parameters.
+def as_matmul(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """The 1x1x1 convolution `conv` of x (N, C, T, H, W) as the matrix product it is, with its own parameters.
 
-    With a few positions per clip a convolution is a poor way to run a matrix product: oneDNN's 1x1x1 convolution
-    forward and backward on the CPU take several times as long as the same product through F.linear's GEMMs
-    (benchmarks/README.md), most at multigrid's many-clip shapes.
+    x is seen as (N, T, H, W, C), which is its memory when channels-last (no copy), and the output comes back in that
+    layout. Where a clip has few positions (pooled features, late stages) oneDNN's 1x1x1 convolution forward and
+    backward take longer on the CPU than the same product through F.linear's GEMMs, several times longer on pooled
+    features at multigrid's many-clip shapes; at the large early layers the convolution is faster
+    (benchmarks/README.md).
     """
-    out = F.linear(x.permute(0, 2, 3, 4, 1), conv.weight.flatten(1), conv.bias)  # (N, T, 1, 1, C_out)
+    out = F.linear(x.permute(0, 2, 3, 4, 1), conv.weight.flatten(1), conv.bias)  # (N, T, H, W, C_out)
     return out.permute(0, 4, 1, 2, 3)
+
+
+class PointwiseConv3d(nn.Conv3d):
+    """nn.Conv3d(dim_in, dim_out, 1, stride, bias=False), the same parameters; on the CPU a matrix product (`as_matmul`,
+    of the strided view) where an output clip has at most MATMUL_POSITIONS positions (T x H x W), where it was measured
+    faster on both CPU kinds."""
+
+    def __init__(self, dim_in: int, dim_out: int, stride: tuple[int, int, int] = (1, 1, 1)):
+        super().__init__(dim_in, dim_out, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            st, sh, sw = self.stride
+            x_out = x[:, :, ::st, ::sh, ::sw]  # the positions a 1x1x1 kernel with this stride reads
+            if x_out.shape[2] * x_out.shape[3] * x_out.shape[4] <= MATMUL_POSITIONS:
+                return as_matmul(self, x_out)
+        return super().forward(x)
 
 
 class Stem(nn.Module):
@@ -364,19 +387,19 @@ class Bottleneck(nn.Module):
     def __init__(self, dim_in: int, dim_out: int, dim_inner: int, stride: int, use_se: bool,
                  norm: Callable[[int], nn.Module]):
         super().__init__()
-        self.conv_a = nn.Conv3d(dim_in, dim_inner, 1, bias=False)
+        self.conv_a = PointwiseConv3d(dim_in, dim_inner)
         self.bn_a = norm(dim_inner)
         self.conv_b = DepthwiseConv3d(dim_inner, 3, stride=(1, stride, stride), padding=1)
         self.bn_b = norm(dim_inner)
         self.se = SqueezeExcitation(dim_inner, round_width(dim_inner, SE_RATIO)) if use_se else None
         self.swish = Swish()
-        self.conv_c = nn.Conv3d(dim_inner, dim_out, 1, bias=False)
+        self.conv_c = PointwiseConv3d(dim_inner, dim_out)
         self.bn_c = norm(dim_out)
         # Every strided block projects its shortcut, stage 1's 24 -> 24 included, as PySlowFast and the original
         # repository do (PyTorchVideo leaves out that BN; its checkpoints get an identity one, see checkpoints.py).
         self.shortcut_conv, self.shortcut_bn = None, None
         if stride != 1 or dim_in != dim_out:
-            self.shortcut_conv = nn.Conv3d(dim_in, dim_out, 1, stride=(1, stride, stride), bias=False)
+            self.shortcut_conv = PointwiseConv3d(dim_in, dim_out, stride=(1, stride, stride))
             self.shortcut_bn = norm(dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -419,7 +442,7 @@ class X3DHead(nn.Module):
                  norm: Callable[[int], nn.Module]):
         super().__init__()
         self.per_frame = per_frame
-        self.pre_conv = nn.Conv3d(dim_in, dim_inner, 1, bias=False)
+        self.pre_conv = PointwiseConv3d(dim_in, dim_inner)
         self.pre_bn = norm(dim_inner)
         self.post_conv = nn.Conv3d(dim_inner, HEAD_WIDTH, 1, bias=False)
         self.dropout = nn.Dropout(dropout)
@@ -429,7 +452,7 @@ class X3DHead(nn.Module):
         x = self.pre_conv(x) if self.folded else F.relu(self.pre_bn(self.pre_conv(x)), inplace=True)
         # Adaptive pooling (a mean), so every clip length and crop works: (N, C, T, 1, 1) or (N, C, 1, 1, 1).
         x = x.mean((3, 4), keepdim=True) if self.per_frame else x.mean((2, 3, 4), keepdim=True)
-        x = self.post_conv(x) if self.folded else F.relu(on_pooled(self.post_conv, x), inplace=True)
+        x = self.post_conv(x) if self.folded else F.relu(as_matmul(self.post_conv, x), inplace=True)
         x = self.classifier(self.dropout(x.flatten(2).transpose(1, 2)))  # (N, T or 1, 2048) -> (N, T or 1, K)
         return x.transpose(1, 2) if self.per_frame else x[:, 0]
 

@@ -28,14 +28,18 @@ from torch.utils.flop_counter import FlopCounterMode
 import batch_norm
 import depthwise_conv
 import native
+import x3d
 from fused_conv import FusedConv3d
 from x3d import (
+    MATMUL_POSITIONS,
     MODELS,
     Bottleneck,
     DepthwiseConv3d,
+    PointwiseConv3d,
     SubBatchNorm3d,
     Swish,
     aggregate_sub_bn_stats,
+    as_matmul,
     build_model,
     build_model_from_cfg,
     default_input,
@@ -137,6 +141,39 @@ def test_initialisation():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Pointwise convolution
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [(2, 4, 4), (4, 8, 8)])  # 32 positions per clip: a matrix product; 256: oneDNN's
+@pytest.mark.parametrize("stride", [(1, 1, 1), (1, 2, 2)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pointwise_conv_equals_conv3d(size, stride, channels_last, monkeypatch):
+    """PointwiseConv3d's outputs and gradients are nn.Conv3d's, as a matrix product and as a convolution, and its
+    weight gradient keeps the weight's strides (DDP's gradient buckets follow them)."""
+    torch.manual_seed(0)
+    layer = PointwiseConv3d(24, 40, stride)
+    reference = nn.Conv3d(24, 40, 1, stride=stride, bias=False)
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 24, *size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    calls = []
+    monkeypatch.setattr(x3d, "as_matmul", lambda *a: calls.append(1) or as_matmul(*a))
+    outputs, grads = [], []
+    for module in (layer, reference):
+        x_ = x.clone().requires_grad_()
+        out = module(x_)
+        out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape))
+        outputs.append(out)
+        grads.append((x_.grad, module.weight.grad))
+    out_positions = size[0] * (size[1] // stride[1]) * (size[2] // stride[2])
+    assert bool(calls) == (out_positions <= MATMUL_POSITIONS)
+    torch.testing.assert_close(outputs[0], outputs[1])
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+    if calls:
+        assert layer.weight.grad.stride() == layer.weight.stride()
+
+
 # Depthwise convolution
 # ----------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kernel, stride, padding", [(3, (1, 1, 1), 1), (3, (1, 2, 2), 1), ((5, 1, 1), 1, (2, 0, 0))])
