@@ -342,9 +342,9 @@ def as_matmul(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
 
 
 class PointwiseConv3d(nn.Conv3d):
-    """nn.Conv3d(dim_in, dim_out, 1, stride, bias=False), the same parameters; on the CPU a matrix product (`as_matmul`,
-    of the strided view) where an output clip has at most MATMUL_POSITIONS positions (T x H x W), where it was measured
-    faster on both CPU kinds."""
+    """nn.Conv3d(dim_in, dim_out, 1, stride, bias=False), the same parameters. On the CPU it is a matrix product
+    (`as_matmul`, of the strided view) where an output clip has at most MATMUL_POSITIONS positions (T x H x W): the
+    sizes at which that was measured faster on both CPU kinds. Folded inference replaces it by a FusedConv3d."""
 
     def __init__(self, dim_in: int, dim_out: int, stride: tuple[int, int, int] = (1, 1, 1)):
         super().__init__(dim_in, dim_out, 1, stride=stride, bias=False)
