@@ -373,6 +373,8 @@ def write_packet_index(path: PathLike) -> bool:
     with _PyAVVideo(path, (status.st_size, status.st_mtime_ns)) as video:
         video.info  # noqa: B018 (raises for a file without a video stream or frames)
         index = _index_packets(video)
+        # the bytes stored at the first and last packet: _index_packets checked that the demuxer hands them over as is
+        end_crc32 = [zlib.crc32(bytes(video.packets()[row])) for row in (0, -1)] if index is not None else None
     target = path + PACKET_INDEX_SUFFIX
     if index is None:
         with contextlib.suppress(FileNotFoundError):
@@ -381,8 +383,8 @@ def write_packet_index(path: PathLike) -> bool:
     parameters = dict(index.parameters)
     if parameters["extradata"] is not None:
         parameters["extradata"] = base64.b64encode(parameters["extradata"]).decode("ascii")
-    header = {"video_bytes": index.version[0], "end_crc32": [zlib.crc32(b) for b in _end_packets(path, index.packets)],
-              "info": list(index.info), "codec": index.codec_name, "parameters": parameters,
+    header = {"video_bytes": index.version[0], "end_crc32": end_crc32, "info": list(index.info),
+              "codec": index.codec_name, "parameters": parameters,
               "time_base": [index.time_base.numerator, index.time_base.denominator], "packets": len(index.packets)}
     temporary = f"{target}.{os.getpid()}.tmp"
     with open(temporary, "wb") as file:
