@@ -1,6 +1,10 @@
 """Shared test settings."""
 
 import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,3 +22,37 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def signal_mid_epoch():
+    """`signal_mid_epoch(proc, run_dir, reached, sig)`: send `sig` to a training subprocess once its latest checkpoint
+    is a mid-epoch one for which `reached(checkpoint)` holds; returns that checkpoint, or None if the run ended first.
+
+    Polling alone races the run: an iteration can end, and a save replace the checkpoint seen, between the look and the
+    signal. So the run is paused (SIGSTOP) when a checkpoint qualifies, the file is read again while nothing can
+    change it, and only then signalled; if the pause caught it elsewhere (an epoch's end) it runs on."""
+    from utils import CheckpointError, load_checkpoint_file
+
+    def send(proc: subprocess.Popen, run_dir: Path, reached, sig: int) -> dict | None:
+        def latest() -> dict | None:
+            try:
+                ckpt = load_checkpoint_file(Path(run_dir) / "checkpoint.pt")
+            except (CheckpointError, OSError):
+                return None
+            return ckpt if ckpt["iteration"] > 0 and reached(ckpt) else None
+
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if latest() is not None:
+                proc.send_signal(signal.SIGSTOP)
+                ckpt = latest()
+                if ckpt is not None:
+                    proc.send_signal(sig)
+                proc.send_signal(signal.SIGCONT)  # a stopped process acts on a caught signal once continued
+                if ckpt is not None:
+                    return ckpt
+            time.sleep(0.02)
+        return None
+
+    return send

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import train_x3d_charades as classify
 import train_x3d_charades_loc as localize
 from charades import CharadesVideo, localization_frame_indices, localization_map, localization_targets
 from tools import make_demo_data
-from utils import CheckpointError, load_checkpoint_file
+from utils import load_checkpoint_file
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"charades": classify, "charades_loc": localize}
@@ -166,24 +165,15 @@ def test_evaluation_with_two_processes_equals_one(recipe, trained, data):
     assert lines[0] and lines[0] == lines[1] and expected in lines[0][0]
 
 
-def test_killed_run_resumes_to_identical_weights_and_whole_epoch_statistics(trained, data, tmp_path):
+def test_killed_run_resumes_to_identical_weights_and_whole_epoch_statistics(trained, data, tmp_path, signal_mid_epoch):
     run = tmp_path / "killed"
     args = flags("charades", data, run, *PLATEAU, "--save-every", "1")
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_x3d_charades.py"), *args], cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # a mid-epoch checkpoint after the first epoch
-        try:
-            ckpt = load_checkpoint_file(run / "checkpoint.pt")
-            if ckpt["epoch"] >= 1 and ckpt["iteration"] == 2:
-                break
-        except CheckpointError:
-            pass
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    killed = signal_mid_epoch(proc, run, lambda ckpt: ckpt["epoch"] >= 1, signal.SIGKILL)  # after the first epoch
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed mid-epoch"
+    assert killed is not None and proc.returncode == -signal.SIGKILL, "the run finished before it was killed mid-epoch"
     killed_at = load_checkpoint_file(run / "checkpoint.pt")
     assert killed_at["iteration"] > 0 and killed_at["epoch_meters"]["iters"] == killed_at["iteration"]
     assert len(killed_at["evaluations"]) == killed_at["epoch"]  # the plateau policy's memory

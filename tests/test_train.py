@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -161,29 +160,19 @@ def test_finetune_prints_counts_and_refuses_another_variant(trained, data, tmp_p
             "shape mismatch 0" in out) and stats["train_iters"] == 16
 
 
-def test_sigkill_mid_epoch_then_rerun_ends_with_identical_weights(trained, data, tmp_path):
+def test_sigkill_mid_epoch_then_rerun_ends_with_identical_weights(trained, data, tmp_path, signal_mid_epoch):
     run = tmp_path / "b"
     args = flags(data, run, "--save-every", "1")
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_x3d_kinetics_multigrid.py"), *args], cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    # The kill should land mid-epoch: early in the longest epoch after the first (multigrid's epochs differ in length;
-    # in a short one the run could reach the epoch's end between seeing the checkpoint and the kill).
+    # In the longest epoch after the first: multigrid's epochs differ in length.
     epochs = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
     lengths = {e["epoch"] - 1: e["train_iters"] for e in epochs if "train_iters" in e}  # checkpoints count from 0
     target = max((e for e in lengths if e >= 1), key=lengths.get)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # wait for that epoch's second checkpoint
-        try:
-            ckpt = load_checkpoint_file(run / "checkpoint.pt")
-            if ckpt["epoch"] == target and ckpt["iteration"] == 2:
-                break
-        except CheckpointError:
-            pass
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    killed = signal_mid_epoch(proc, run, lambda ckpt: ckpt["epoch"] == target, signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed mid-epoch"
+    assert killed is not None and proc.returncode == -signal.SIGKILL, "the run finished before it was killed mid-epoch"
     killed_at = load_checkpoint_file(run / "checkpoint.pt")
     assert killed_at["iteration"] > 0
 
@@ -214,23 +203,14 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(trained, data,
     assert result.returncode != 0 and f"{run / 'checkpoint_prev.pt'}: not a readable checkpoint" in result.stderr
 
 
-def test_ctrl_c_saves_at_once_and_the_printed_command_resumes(trained, data, tmp_path):
+def test_ctrl_c_saves_at_once_and_the_printed_command_resumes(trained, data, tmp_path, signal_mid_epoch):
     run = tmp_path / "d"
     shutil.copytree(trained, run)  # --restart moves the finished run aside and trains it again from scratch
     args = flags(data, run, "--save-every", "2", "--restart")
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_x3d_kinetics_multigrid.py"), *args], cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # into the 6-step epochs, so Ctrl-C lands mid-epoch
-        try:
-            ckpt = load_checkpoint_file(run / "checkpoint.pt")
-            if ckpt["epoch"] >= 3 and ckpt["iteration"] == 2:
-                break
-        except CheckpointError:
-            pass
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    assert signal_mid_epoch(proc, run, lambda ckpt: ckpt["epoch"] >= 3, signal.SIGINT)  # into the 6-step epochs
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert out.startswith("device: cpu") and "--restart: the previous run's files are moved to" in out
