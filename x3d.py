@@ -436,7 +436,7 @@ class X3DHead(nn.Module):
     The clip head pools globally and returns (N, K); the per-frame head pools only H, W and returns (N, K, T).
     """
 
-    folded = False  # fold_batchnorm's copy: pre_bn and both ReLUs in the convolutions
+    folded = False  # fold_batchnorm's copy: pre_bn and its ReLU in pre_conv
 
     def __init__(self, dim_in: int, dim_inner: int, num_classes: int, dropout: float, per_frame: bool,
                  norm: Callable[[int], nn.Module]):
@@ -452,13 +452,12 @@ class X3DHead(nn.Module):
         x = self.pre_conv(x) if self.folded else F.relu(self.pre_bn(self.pre_conv(x)), inplace=True)
         # Adaptive pooling (a mean), so every clip length and crop works: (N, C, T, 1, 1) or (N, C, 1, 1, 1).
         x = x.mean((3, 4), keepdim=True) if self.per_frame else x.mean((2, 3, 4), keepdim=True)
-        x = self.post_conv(x) if self.folded else F.relu(as_matmul(self.post_conv, x), inplace=True)
+        x = F.relu(as_matmul(self.post_conv, x), inplace=True)  # no BN to fold; oneDNN is slower on pooled features
         x = self.classifier(self.dropout(x.flatten(2).transpose(1, 2)))  # (N, T or 1, 2048) -> (N, T or 1, K)
         return x.transpose(1, 2) if self.per_frame else x[:, 0]
 
     def fold(self) -> None:
         self.pre_conv = FusedConv3d(self.pre_conv, self.pre_bn, "relu")
-        self.post_conv = FusedConv3d(self.post_conv, None, "relu")
         self.pre_bn, self.folded = None, True
 
 

@@ -672,14 +672,14 @@ def test_folded_batchnorm_equals_the_model(head, channels_last):
     stem_weights = (model.stem.conv_s.weight, folded.stem.conv_s.weight)
     assert [w.is_contiguous() for w in stem_weights] == [not channels_last] * 2  # the memory format is kept
     blocks = sum(isinstance(m, Bottleneck) for m in folded.modules())  # 26, the first of each stage projected
-    assert sum(isinstance(m, FusedConv3d) for m in folded.modules()) == 2 + 3 * blocks + 4 + 2  # stem, blocks, head
+    assert sum(isinstance(m, FusedConv3d) for m in folded.modules()) == 2 + 3 * blocks + 4 + 1  # stem, blocks, head
     clips = torch.randn(3, 3, 4, 64, 64).contiguous(memory_format=layout)
     model.eval()
     with torch.inference_mode(), _OpCounter() as ops:
         want, got = model(clips), folded(clips)
     assert got.shape == want.shape == ((3, 7) if head == "clip" else (3, 7, 4))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert ops.counts["mkldnn._convolution_pointwise.default"] == 2 + 2 * blocks + 4 + 2  # oneDNN's, fused
+    assert ops.counts["mkldnn._convolution_pointwise.default"] == 2 + 2 * blocks + 4 + 1  # oneDNN's, fused
     assert ops.counts["mkldnn._convolution_pointwise.binary"] == blocks  # each block's ReLU(conv_c + shortcut)
     with torch.inference_mode(), torch.backends.mkldnn.flags(enabled=False), _OpCounter() as ops:
         torch.testing.assert_close(folded(clips), want, rtol=1e-4, atol=1e-4)  # the same as PyTorch operations
