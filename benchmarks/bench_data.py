@@ -6,7 +6,9 @@
 It writes its own inputs to a temporary folder: Kinetics-like 340x256 H.264 clips (10 s at 30 fps) with a keyframe
 every 2 s and with a single keyframe (what ffmpeg's default keyint gives a re-encoded 10 s clip), the same frames as
 a JPEG folder and as a 640x480 JPEG folder (Charades-like frames), and 170x128 demo-sized clips (a keyframe every 16
-frames, as tools/make_demo_data.py writes them, and a single keyframe) and folder. Each cell reads clips at random
+frames, as tools/make_demo_data.py writes them, and a single keyframe) and folder. The keyframe-every-2-s videos
+are also written with x264's fastdecode tuning (no CABAC, no deblocking filter), as tools/prepare_kinetics.py and
+tools/make_demo_data.py encode by default. Each cell reads clips at random
 start positions with `video_io.read_frames` and augments them with `transforms.train_clip` (or `test_clip`), one
 thread, as a data-loader worker does; after the first clip of a file, video_io reads an MP4 from the packet index it
 kept. The "first read" rows forget that index before every clip, as a worker's first clip of a video is read: from
@@ -97,14 +99,15 @@ def synthetic_frames(width: int, height: int, num_frames: int, seed: int) -> lis
     return frames
 
 
-def write_mp4(path: str, frames: list[np.ndarray], keyframe_interval: int) -> None:
-    """H.264 at 30 fps, x264 with B-frames, like a re-encoded Kinetics clip."""
+def write_mp4(path: str, frames: list[np.ndarray], keyframe_interval: int, fast_decode: bool = False) -> None:
+    """H.264 at 30 fps, x264 with B-frames, like a re-encoded Kinetics clip; `fast_decode`: x264's fastdecode tuning."""
     with av.open(path, "w") as container:
         stream = container.add_stream("libx264", rate=30)
         stream.height, stream.width = frames[0].shape[:2]
         stream.pix_fmt = "yuv420p"
         stream.codec_context.gop_size = keyframe_interval
-        stream.options = {"crf": "20", "preset": "veryfast", "sc_threshold": "0"}
+        stream.options = {"crf": "20", "preset": "veryfast", "sc_threshold": "0",
+                          **({"tune": "fastdecode"} if fast_decode else {})}
         for pixels in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
                 container.mux(packet)
@@ -134,9 +137,15 @@ def make_inputs(root: str, seed: int) -> dict[str, str]:
         "demo_gop16": os.path.join(root, "demo_gop16.mp4"),
         "demo_gop150": os.path.join(root, "demo_gop150.mp4"),
         "demo_jpeg": os.path.join(root, "demo_jpeg"),
+        "kinetics_gop2s_fast": os.path.join(root, "kinetics_gop2s_fast.mp4"),
+        "demo_gop16_fast": os.path.join(root, "demo_gop16_fast.mp4"),
     }
     write_mp4(paths["kinetics_gop2s"], kinetics, 60)
     write_mp4(paths["demo_gop16"], demo, 16)
+    write_mp4(paths["kinetics_gop2s_fast"], kinetics, 60, fast_decode=True)
+    write_mp4(paths["demo_gop16_fast"], demo, 16, fast_decode=True)
+    for name in ("kinetics_gop2s_fast", "demo_gop16_fast"):
+        video_io.write_packet_index(paths[name])
     for name in ("kinetics_gop2s", "demo_gop16"):  # the videos with an index file, and copies without
         video_io.write_packet_index(paths[name])
         paths[f"{name}_unindexed"] = paths[name].replace(".mp4", "_unindexed.mp4")
@@ -210,8 +219,10 @@ def benchmark_rows(paths: dict[str, str]) -> list[Row]:
     gop_2s = {"kinetics": paths["kinetics_gop2s"], "demo": paths["demo_gop16"]}
     unindexed = {"kinetics": paths["kinetics_gop2s_unindexed"], "demo": paths["demo_gop16_unindexed"]}
     single_keyframe = {"kinetics": paths["kinetics_gop10s"], "demo": paths["demo_gop150"]}
+    fast = {"kinetics": paths["kinetics_gop2s_fast"], "demo": paths["demo_gop16_fast"]}
     rows = [
         Row("mp4, keyframe every 2 s (demo: 16 frames): video_io PyAV", gop_2s, reader("pyav")),
+        Row("mp4, keyframe every 2 s (demo: 16 frames), x264 fastdecode: video_io PyAV", fast, reader("pyav")),
         Row("mp4, keyframe every 2 s (demo: 16 frames): video_io PyAV, first read, index file", gop_2s,
             reader("pyav", first_read=True)),
         Row("mp4, keyframe every 2 s (demo: 16 frames): video_io PyAV, first read, no index file", unindexed,

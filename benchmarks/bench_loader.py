@@ -13,7 +13,9 @@ machine with more workers than free cores), an iteration costs more than the mod
   utils.init_loader_worker);
 - `JPEG frames`: lowest priority, the same videos as JPEG frame folders (`make_demo_data.py --kinetics-format jpeg`,
   made in --jpeg-root when missing), which decode without H.264's inter-frame work and at reduced size for small
-  crops.
+  crops;
+- `other` (when asked for): lowest priority, another copy of the demo set in --other-root, e.g. one made with
+  `make_demo_data.py --no-fast-decode` to measure an encoding against make demo's.
 The rounds alternate (alone, default, lowest, jpeg, alone, ...), so a machine that slows down affects every row
 alike; the table gives each row's median over the rounds, its ratio to the model alone and the share of the step
 spent waiting for a batch.
@@ -38,7 +40,8 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODES = {"alone": "model alone", "default": "default priority", "lowest": "lowest priority", "jpeg": "JPEG frames"}
+MODES = {"alone": "model alone", "default": "default priority", "lowest": "lowest priority", "jpeg": "JPEG frames",
+         "other": "--other-root"}
 # make demo's multigrid shapes (batch x frames x crop): the base shape, then the long and short cycles'.
 DEMO_SHAPES = ["8x8x56", "16x4x56", "16x8x40", "32x4x40", "32x8x28", "64x2x40", "64x4x28", "128x2x28"]
 
@@ -58,7 +61,7 @@ def measure(mode: str, batch: int, frames: int, crop: int, args: argparse.Namesp
 
     utils.keep_freed_memory()  # as the training scripts do
     torch.manual_seed(0)
-    root = args.jpeg_root if mode == "jpeg" else args.data_root
+    root = {"jpeg": args.jpeg_root, "other": args.other_root}.get(mode, args.data_root)
     dataset = build_kinetics(root, "train", frames=8, sampling_rate=8, train_crop=56, train_jitter=(64, 80),
                              test_crop=64, flip_prob=0.0)
     model = x3d.to_channels_last(x3d.build_model("x3d_xs", num_classes=dataset.num_classes, dropout=0.0))
@@ -97,7 +100,9 @@ def main() -> None:
                    help="make demo's videos (made if missing).")
     p.add_argument("--jpeg-root", default=str(ROOT / "data/demo_jpeg/kinetics"),
                    help="The same videos as JPEG frame folders, for the `jpeg` row (made if missing).")
-    p.add_argument("--rows", nargs="+", default=list(MODES), choices=list(MODES),
+    p.add_argument("--other-root", default=None,
+                   help="Another copy of the demo set for the `other` row (not made: it must exist).")
+    p.add_argument("--rows", nargs="+", default=[m for m in MODES if m != "other"], choices=list(MODES),
                    help="Rows to measure; `alone` is always measured, as the reference.")
     p.add_argument("--shapes", nargs="+", default=DEMO_SHAPES, metavar="BxTxS", help="Batch shapes to measure.")
     p.add_argument("--iters", type=int, default=20, help="Timed iterations per row and round.")
@@ -110,6 +115,8 @@ def main() -> None:
         print(json.dumps(measure(mode, b, t, s, args)))
         return
     modes = ["alone"] + [m for m in MODES if m in args.rows and m != "alone"]
+    if "other" in modes and not (args.other_root and Path(args.other_root).exists()):
+        p.error(f"the `other` row needs --other-root to name an existing data set (got {args.other_root})")
     for root, wanted, fmt in [(args.data_root, True, "mp4"), (args.jpeg_root, "jpeg" in modes, "jpeg")]:
         if wanted and not Path(root).exists():
             subprocess.run([sys.executable, str(ROOT / "tools/make_demo_data.py"), "--datasets", "kinetics",
@@ -125,7 +132,8 @@ def main() -> None:
         for _ in range(args.rounds):
             for mode in modes:
                 cmd = [sys.executable, __file__, "--child", mode, str(b), str(t), str(s), "--data-root",
-                       args.data_root, "--jpeg-root", args.jpeg_root, "--iters", str(args.iters),
+                       args.data_root, "--jpeg-root", args.jpeg_root, "--other-root", str(args.other_root),
+                       "--iters", str(args.iters),
                        "--workers", str(args.workers)]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
                 results[mode].append(json.loads(out))

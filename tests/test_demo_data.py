@@ -89,6 +89,13 @@ def test_kinetics_videos_decode(small: Path) -> None:
             keys = [frame.key_frame for frame in container.decode(stream)]
         assert len(keys) == 60
         assert [i for i, key in enumerate(keys) if key] == [0, 16, 32, 48]  # as prepare_kinetics.py encodes
+        assert b"options: cabac=0 ref=1 deblock=0:" in path.read_bytes()  # x264's fastdecode tuning (its SEI)
+
+
+def test_no_fast_decode_keeps_x264_defaults(tmp_path: Path) -> None:
+    out = generate(tmp_path / "data", *SMALL, "--datasets", "kinetics", "--no-fast-decode")
+    video = next((out / "kinetics").rglob("*.mp4")).read_bytes()
+    assert b"options: cabac=1 ref=1 deblock=1:" in video
 
 
 def test_kinetics_jpeg_frames_match_the_videos_and_load(small: Path, tmp_path: Path) -> None:

@@ -355,6 +355,7 @@ def test_prepare_kinetics_writes_lists_and_reencodes(official_root: Path, tmp_pa
     encoded = out / lines[0].rsplit(" ", 1)[0]
     info = probe(encoded)
     assert (info.num_frames, info.fps, info.height, info.width) == (40, 30.0, 32, 42)
+    assert b" cabac=0 " in encoded.read_bytes() and b" deblock=0:" in encoded.read_bytes()  # --fast-decode
     index_file = Path(f"{encoded}{video_io.PACKET_INDEX_SUFFIX}")
     assert index_file.is_file()  # each output gets its packet index
     mtime = encoded.stat().st_mtime_ns
