@@ -305,7 +305,9 @@ def test_compiled_training_follows_multigrid_shapes_like_eager(data, tmp_path, m
     """--compile: one graph per batch shape of the schedule, none compiled twice, and the run trains as eager does.
     (aot_eager traces exactly what inductor compiles, without the minutes of code generation; no dropout, whose random
     stream differs when compiled, and ATen's depthwise backward and batch norm, which the compiled graph takes; a small
-    LR, at which the steps do not amplify the rounding of matrix products that the graph runs in another shape.)"""
+    LR, at which the steps do not amplify the rounding of operations that the graph runs in another order: at LR 0.01
+    the runs' losses drifted apart about 10x an epoch, 5e-3 apart by the fourth; at 0.001 they stay 1e-7 apart, and
+    the training still moves them by 2-8 % against LR 0.)"""
     monkeypatch.setenv("X3D_DEPTHWISE_BACKWARD", "aten")
     monkeypatch.setattr(native, "enabled", False)
     logs = []
@@ -313,7 +315,7 @@ def test_compiled_training_follows_multigrid_shapes_like_eager(data, tmp_path, m
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
         run = tmp_path / name
-        recipe.main(parse(*flags(data, run, "--dropout", "0", "--test-views", "0", "--lr", "0.01", *extra)))
+        recipe.main(parse(*flags(data, run, "--dropout", "0", "--test-views", "0", "--lr", "0.001", *extra)))
         logs.append([json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()])
     shapes = set().union(*(r["train_shapes"] for r in logs[1] if "train_shapes" in r))
     assert len(shapes) > 4
@@ -321,4 +323,4 @@ def test_compiled_training_follows_multigrid_shapes_like_eager(data, tmp_path, m
     assert len(shapes) <= graphs <= 2 * len(shapes)  # each shape once (a graph break would double a shape's count)
     for eager, compiled in zip(*logs):
         if "train_loss" in eager:
-            assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-3)
+            assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
