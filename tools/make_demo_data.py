@@ -4,7 +4,8 @@
     python tools/make_demo_data.py --out data/demo --regime motion      # the motion-only set
     python tools/make_demo_data.py --out data/demo --classes 10 --train-per-class 100 --size 128
 
-Kinetics-style (DIR/kinetics): H.264 mp4 files at 30 fps, a keyframe every 16 frames, in the official layout
+Kinetics-style (DIR/kinetics): H.264 mp4 files at 30 fps, a keyframe every 16 frames, encoded for fast decoding
+(x264's fastdecode tuning, as tools/prepare_kinetics.py encodes), in the official layout
     annotations/{train,validate}.csv   label,youtube_id,time_start,time_end,split
     {train,val}/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4
     {train,val}/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4.packets   its packet index (tools/index_videos.py)
