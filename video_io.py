@@ -334,12 +334,14 @@ def _remember_packets(video: _PyAVVideo) -> None:
     Nothing is evicted: once the budget is spent, later files are read through the demuxer as before.
     """
     _forget_packet_index(video.path)  # the file has changed since it was indexed, or its index did not decode
-    if _indexed_packets + len(video.packets()) <= PACKET_INDEX_BUDGET:
+    if _indexed_packets + len(video.packets()) <= PACKET_INDEX_BUDGET:  # before the work of making the index
         _keep(video.path, _index_packets(video))
 
 
 def _keep(path: str, index: _PacketIndex | None) -> None:
+    """Keep `index` as `path`'s, in place of one kept before (which no longer matches the file), within the budget."""
     global _indexed_packets
+    _forget_packet_index(path)
     if index is not None and _indexed_packets + len(index.packets) <= PACKET_INDEX_BUDGET:
         _packet_indexes[path] = index
         _indexed_packets += len(index.packets)

@@ -45,8 +45,7 @@ logger = logging.getLogger(__name__)
 
 INPUT_FIELDS = ("frames", "sampling_rate", "train_crop", "train_jitter", "test_crop")
 # Positions per clip (T x H x W) up to which the CPU runs a 1x1x1 convolution as a matrix product (PointwiseConv3d):
-# it paid at 32-128 positions on an Intel Xeon with AVX-512 and at 100-400 on an AMD EPYC with AVX2, and lost at a
-# 392-position layer on the first and at 1600 on the second (benchmarks/README.md).
+# the sizes at which that was measured faster on both CPU kinds (benchmarks/README.md).
 MATMUL_POSITIONS = 128
 
 

@@ -132,9 +132,8 @@ def main() -> None:
         for _ in range(args.rounds):
             for mode in modes:
                 cmd = [sys.executable, __file__, "--child", mode, str(b), str(t), str(s), "--data-root",
-                       args.data_root, "--jpeg-root", args.jpeg_root, "--other-root", str(args.other_root),
-                       "--iters", str(args.iters),
-                       "--workers", str(args.workers)]
+                       args.data_root, "--jpeg-root", args.jpeg_root, "--iters", str(args.iters),
+                       "--workers", str(args.workers), *(["--other-root", args.other_root] if args.other_root else [])]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
                 results[mode].append(json.loads(out))
         med = {m: statistics.median(r["s_per_it"] for r in rs) for m, rs in results.items()}

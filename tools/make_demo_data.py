@@ -677,8 +677,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="Frames from one keyframe to the next (default: %(default)s, tools/prepare_kinetics.py's). A "
                         "clip decodes from the keyframe before each frame it needs.")
     g.add_argument("--fast-decode", action=argparse.BooleanOptionalAction, default=True,
-                   help="x264's fastdecode tuning, as tools/prepare_kinetics.py (default: on; about 1.7x faster to "
-                        "decode for 7%% more bytes).")
+                   help="x264's fastdecode tuning, as tools/prepare_kinetics.py (default: on): faster to decode, "
+                        "somewhat larger files (benchmarks/README.md).")
     g = p.add_argument_group("Charades-style set")
     g.add_argument("--charades-classes", type=int, default=10,
                    help="Action classes (a colour and a motion each), up to 96.")

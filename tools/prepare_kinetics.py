@@ -55,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "the cost of larger files.")
     p.add_argument("--crf", type=int, default=23, help="x264 constant rate factor (lower: better and larger).")
     p.add_argument("--fast-decode", action=argparse.BooleanOptionalAction, default=True,
-                   help="x264's fastdecode tuning (no CABAC, no deblocking filter): clips decode about 1.8x faster "
+                   help="x264's fastdecode tuning (no CABAC, no deblocking filter): clips decode about twice as fast "
                         "for larger files (benchmarks/README.md). On by default: a CPU loader is often what limits "
                         "training speed.")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
