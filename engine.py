@@ -32,9 +32,9 @@ from tqdm import tqdm
 import depthwise_conv
 import utils
 from checkpoints import convert_checkpoint, finetune_summary, load_finetune, load_weights
-from multigrid import MultigridSchedule, ShortCycleBatchSampler
-from utils import Interrupted, get_world_size, is_main_process
-from x3d import build_model, default_input, fold_batchnorm, set_bn_splits, to_channels_last
+from multigrid import MultigridSchedule, ShortCycleBatchSampler, mix_seeds
+from utils import Interrupted, get_rank, get_world_size, is_main_process
+from x3d import SubBatchNorm3d, build_model, default_input, fold_batchnorm, set_bn_splits, to_channels_last
 
 BN_STAT_SUFFIXES = ("running_mean", "running_var")
 FEW_ITERATIONS = 10  # fewer steps than this per epoch at a shape: BN statistics and the LR curve get coarse
@@ -82,9 +82,10 @@ def to_device(clips: torch.Tensor, device: torch.device) -> torch.Tensor:
     return clips.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last_3d)
 
 
-def iteration_seed(seed: int, epoch: int, iteration: int) -> int:
-    """Seed for the global RNG (dropout) at one iteration, so a resumed run repeats the same random draws."""
-    return (seed * 1_000_003 + epoch) * 1_000_003 + iteration
+def iteration_seed(seed: int, epoch: int, iteration: int, rank: int = 0) -> int:
+    """Seed for the global RNG (dropout) at one iteration of one rank, so a resumed run repeats the same random draws
+    and the ranks draw different ones, as one process would for the whole batch. Any --seed fits (a 63-bit hash)."""
+    return mix_seeds(seed, epoch, iteration, rank)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -145,20 +146,13 @@ def train_one_epoch(
         lr = lr_at(epoch + it / num_iters)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        torch.manual_seed(iteration_seed(seed, epoch, it))
+        torch.manual_seed(iteration_seed(seed, epoch, it, get_rank()))
         clips, targets = to_device(clips, device), targets.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(clips)
             loss = criterion(logits.float(), targets)
 
         total_loss, stop = _agree(loss, should_stop)
-        if stop:
-            bar.close()
-            if save_fn is not None:
-                save_fn(it, snapshot())  # the weights after `it` steps: this step has not updated them
-            if get_world_size() > 1:
-                dist.barrier()  # the launcher ends every worker once one exits: let rank 0 finish writing first
-            raise TrainingStopped(epoch, it, saved=save_fn is not None, num_epochs=num_epochs)
         if not math.isfinite(total_loss):
             raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at {label}, iteration {it} "
                                      f"(lr {lr:.4g}); stopping. The last checkpoint written is kept.")
@@ -182,6 +176,15 @@ def train_one_epoch(
         bar.set_postfix(loss=f"{loss.item():.3f}", **top1, lr=f"{lr:.3g}", shape=key,
                         clips_s=f"{meters['clips'] / elapsed:.1f}", wait=f"{100 * meters['wait'] / elapsed:.0f}%")
         bar.update(1)
+        # A stop finishes this step (its forward has already moved the BN statistics), saves the state after it and
+        # leaves; on the epoch's last step the epoch ends first (evaluation, epoch checkpoint) and the next step stops.
+        if stop and it + 1 < num_iters:
+            bar.close()
+            if save_fn is not None:
+                save_fn(it + 1, snapshot())
+            if get_world_size() > 1:
+                dist.barrier()  # the launcher ends every worker once one exits: let rank 0 finish writing first
+            raise TrainingStopped(epoch, it + 1, saved=save_fn is not None, num_epochs=num_epochs)
         if save_fn is not None and save_every and (it + 1) % save_every == 0 and it + 1 < num_iters:
             save_fn(it + 1, snapshot())
         tick = time.perf_counter()
@@ -345,20 +348,33 @@ def precise_bn(model: nn.Module, loader: Iterable, num_batches: int, device: tor
 
 @torch.no_grad()
 def sync_bn_stats(model: nn.Module) -> None:
-    """Combine each rank's BN statistics (ranks as groups: law of total variance) so all ranks hold the same."""
+    """Combine each rank's BN statistics (ranks as groups: law of total variance) so all ranks hold the same.
+
+    DDP leaves BN buffers alone (`fit`), so each rank's running statistics follow its own batches. Every rank calls
+    this at the same points: after precise BN, before every evaluation and before every checkpoint, so that the ranks
+    evaluate one model and a resumed run starts every rank from what the uninterrupted one held there. Sub-batch BN's
+    group statistics are folded in first and restart from the combined ones.
+    """
     world = get_world_size()
-    if world == 1:
+    layers = [m for m in _bn_layers(model) if m.running_mean is not None]
+    if world == 1 or not layers:
         return
-    for m in _bn_layers(model):
-        if m.running_mean is None:
-            continue
-        mean = m.running_mean.clone()
-        second = m.running_var + mean.square()  # E[x²] per rank
-        dist.all_reduce(mean)
-        dist.all_reduce(second)
-        mean /= world
+    for m in layers:
+        if isinstance(m, SubBatchNorm3d):
+            m.aggregate_stats()
+    # One all-reduce for every layer: each layer's means, then its E[x²].
+    stats = torch.cat([t for m in layers for t in (m.running_mean, m.running_var + m.running_mean.square())])
+    dist.all_reduce(stats)
+    stats /= world
+    offset = 0
+    for m in layers:
+        c = m.running_mean.numel()
+        mean, second = stats[offset : offset + c], stats[offset + c : offset + 2 * c]
         m.running_mean.copy_(mean)
-        m.running_var.copy_(second / world - mean.square())
+        m.running_var.copy_(second - mean.square())
+        offset += 2 * c
+        if isinstance(m, SubBatchNorm3d):
+            m.tile_running_stats()
 
 
 
@@ -440,6 +456,10 @@ def starting_point(args: argparse.Namespace, run_dir: Path) -> tuple[dict | None
     found = utils.load_run_checkpoint(run_dir, args.resume)
     if found is None:
         return None, None
+    if not {"model", "epoch"} <= found[0].keys():
+        raise utils.CheckpointError(
+            f"{found[1]}: not a training checkpoint of this project (it has no training state to resume); to train "
+            f"from its weights pass it to --finetune, to evaluate it use --eval --resume")
     if isinstance(found[0].get("args"), dict):
         utils.check_same_run(args, found[0]["args"], found[1])
     return found
@@ -494,8 +514,7 @@ def finished_run(state: dict | None, schedule: MultigridSchedule, run_dir: Path,
     after saying so; None while training or the test is left to do."""
     if state is None or int(state.get("epoch", 0)) < schedule.num_epochs:
         return None
-    path = run_dir / "log.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    records = utils.read_log(run_dir / "log.jsonl")
     tested = [r for r in records if f"test_{task.metric}" in r]
     stored = tested[-1] if tested else None if test else {}
     if stored is not None and is_main_process():  # trained and tested: say so instead of appending another test
@@ -598,6 +617,36 @@ def restore(state: dict | None, model: nn.Module, optimizer: torch.optim.Optimiz
             list(state.get("evaluations", [])))
 
 
+def check_resumable(state: dict, source: Path | None, iteration: int, world: int, num_samples: int) -> None:
+    """Refuse a resume that cannot continue the run where it stopped; warn where it continues differently.
+
+    Every rank must resume from the same point (each loads the checkpoint on its own: a run folder on storage that
+    only some machines see would part them). An epoch's batches depend on the number of processes and of training
+    videos, so a checkpoint taken mid-epoch resumes only with the same ones; at an epoch's end another number of
+    processes (which scales the default LR) or of videos only changes the rest of the run.
+    """
+    epoch = int(state.get("epoch", 0))
+    if get_world_size() > 1:
+        here = torch.tensor([epoch, iteration, -epoch, -iteration], dtype=torch.float64)
+        dist.all_reduce(here, op=dist.ReduceOp.MAX)
+        if here[0] != -here[2] or here[1] != -here[3]:
+            raise utils.CheckpointError(
+                f"the processes loaded different checkpoints ({source} on rank {utils.get_rank()} is at epoch "
+                f"{epoch + 1}, iteration {iteration}): is the run folder on storage every machine sees?")
+    changes = [f"{what} {now} (the checkpoint has {saved})" for what, now, saved in (
+        ("processes", world, state.get("world_size", world)),
+        ("training videos", num_samples, state.get("num_train_samples", num_samples))) if now != saved]
+    if changes and iteration > 0:
+        raise utils.CheckpointError(
+            f"{source} was saved mid-epoch (epoch {epoch + 1}, iteration {iteration}) and this run has "
+            f"{', '.join(changes)}: the epoch's batches would differ. Resume with the run's own processes and data, or "
+            f"from the end of an epoch")
+    if changes and is_main_process():
+        print(f"warning: resuming {source} with {', '.join(changes)}: the batches per step "
+              f"{'and the default LR ' if world != state.get('world_size', world) else ''}differ from here on",
+              file=sys.stderr)
+
+
 def fit(model: nn.Module, task: Task, schedule: MultigridSchedule, train_set: Any, val_set: Any,
         args: argparse.Namespace, device: torch.device, run_dir: Path, log: utils.RunLogger,
         resume: tuple[dict | None, Path | None], extras: dict) -> dict:
@@ -610,8 +659,9 @@ def fit(model: nn.Module, task: Task, schedule: MultigridSchedule, train_set: An
     """
     rank0, world = is_main_process(), get_world_size()
     warnings = check_iterations(schedule, len(train_set), world, args.batch_size)
-    # Sub-batch BN keeps per-rank statistics (synchronised before evaluation), so buffers are not synchronised in
-    # forward; at the start they are the same on every rank anyway (same initialisation or checkpoint).
+    # Sub-batch BN keeps per-rank statistics (synchronised before every evaluation and checkpoint: sync_bn_stats), so
+    # buffers are not synchronised in forward; at the start they are the same on every rank (same initialisation or
+    # checkpoint).
     net = DistributedDataParallel(model, forward_sync_buffers=False) if world > 1 else model
     if args.compile:
         net = compile_for(net, schedule, args.compile)
@@ -619,6 +669,8 @@ def fit(model: nn.Module, task: Task, schedule: MultigridSchedule, train_set: An
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and args.amp == "fp16" else None
     state, source = resume
     epoch0, iter0, meters, evaluations = restore(state, model, optimizer, scaler)
+    if state is not None:
+        check_resumable(state, source, iter0, world, len(train_set))
     metric = f"val_{task.metric}"
 
     if rank0:
@@ -635,13 +687,15 @@ def fit(model: nn.Module, task: Task, schedule: MultigridSchedule, train_set: An
             print(warning, file=sys.stderr)
 
     def save(epoch: int, iteration: int, epoch_meters: dict | None = None) -> None:
+        sync_bn_stats(model)  # every rank saves at the same points; rank 0 writes
         if rank0:
             utils.save_run_checkpoint({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler else None, "epoch": epoch, "iteration": iteration,
                 "epoch_meters": epoch_meters, "evaluations": evaluations,
                 "best_metric": max((e[metric] for e in evaluations if metric in e), default=0.0),
-                "args": vars(args), "model_cfg": dataclasses.asdict(model.cfg),
+                "args": vars(args), "model_cfg": dataclasses.asdict(model.cfg), "world_size": world,
+                "num_train_samples": len(train_set),
                 "depthwise_backward": depthwise_conv.choices(), **extras}, run_dir)
 
     stats: dict = {}
@@ -690,6 +744,8 @@ def validate(model: nn.Module, task: Task, train_set: Any, val_set: Any, schedul
         set_bn_splits(model, schedule.shape_at(final).bn_splits, schedule.shape_at(final).bn_sync)
         out["precise_bn_batches"] = precise_bn(model, loader, args.precise_bn_batches, device, amp=args.amp)
         set_bn_splits(model, schedule.shape_at(epoch).bn_splits, schedule.shape_at(epoch).bn_sync)
+    else:
+        sync_bn_stats(model)  # without it each rank would score its share of the videos with its own statistics
     out.update(task.evaluate(model, val_set, "val"))
     return out
 

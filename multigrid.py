@@ -163,7 +163,7 @@ def short_cycle_shapes(crop: int, base_crop: int) -> list[tuple[int, int]]:
     return [*shapes, (crop, 1)]
 
 
-def _mix(*values: int) -> int:
+def mix_seeds(*values: int) -> int:
     """63-bit hash of integers (splitmix64 steps): nearby seeds, epochs or positions give unrelated streams."""
     h = 0
     for v in values:
@@ -438,7 +438,7 @@ class ShortCycleBatchSampler(Sampler[list[ClipSpec]]):
             yield from self._epoch(epoch, self.start_iter if epoch == self.epoch else 0)
 
     def _epoch(self, epoch: int, start_iter: int) -> Iterator[list[ClipSpec]]:
-        generator = torch.Generator().manual_seed(_mix(self.seed, epoch))
+        generator = torch.Generator().manual_seed(mix_seeds(self.seed, epoch))
         order = torch.randperm(self.num_samples, generator=generator).tolist()
         shapes, shape = self._shapes(epoch), self.schedule.shape_at(epoch)
         sizes = [b for _, b in shapes]
@@ -449,5 +449,5 @@ class ShortCycleBatchSampler(Sampler[list[ClipSpec]]):
             # Global positions in the padded permutation; padding wraps around (duplicates clips across ranks).
             positions = [self.rank + (j + i) * self.world_size for i in range(size)]
             yield [ClipSpec(order[p % self.num_samples], shape.frames, crop, shape.rate_min, shape.rate_max,
-                            _mix(self.seed, epoch, p)) for p in positions]
+                            mix_seeds(self.seed, epoch, p)) for p in positions]
             j += size

@@ -340,16 +340,40 @@ class RunLogger:
             self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
 
     def log(self, stats: dict, step: float) -> None:
-        """Write one line; `step` is the (fractional) epoch."""
+        """Write one line; `step` is the (fractional) epoch. A line cut short (a kill or a full disk while
+        appending) is ended first, so that it stays the only unreadable one (`read_log` skips it)."""
         if not is_main_process():
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"epoch": step, **stats}) + "\n")
+        line = json.dumps({"epoch": step, **stats}) + "\n"
+        with open(self.path, "a+b") as f:
+            if f.tell() > 0:  # append mode starts at the end
+                f.seek(-1, os.SEEK_END)
+                line = ("" if f.read(1) == b"\n" else "\n") + line
+            f.write(line.encode())
         if self.writer is not None:
             for key, value in stats.items():
                 if isinstance(value, (int, float)):
                     self.writer.add_scalar(key, value, global_step=round(step * 1000))
             self.writer.flush()
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """The records of a run's log.jsonl ([] if there is none); a line that does not parse (cut short by a kill or a
+    full disk) is skipped with a warning naming the file and the line."""
+    path, records = Path(path), []
+    if not path.is_file():
+        return records
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            print(f"warning: {path}, line {number}: not a JSON record ({e}); skipped", file=sys.stderr)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def write_json(obj: object, path: str | os.PathLike) -> None:
@@ -540,6 +564,8 @@ def check_args(args: argparse.Namespace, spec: dict, extra: Iterable[tuple[bool,
          "--test-views and --precise-bn-batches must be at least 0"),
         (args.save_every >= 0 and args.workers >= 0 and args.nproc >= 1,
          "--save-every and --workers must be at least 0, --nproc at least 1"),
+        (not (args.eval and getattr(args, "test_views", 1) == 0), "--eval runs the test: --test-views must be at "
+                                                                    "least 1"),
         (not (args.restart and (args.eval or args.resume)), "--restart starts the run folder over: it cannot be "
                                                              "combined with --eval or --resume"),
         (args.gpu is None or all(d.strip().isdigit() for d in args.gpu.split(",")),
@@ -581,14 +607,18 @@ def save_run_checkpoint(obj: dict, run_dir: str | os.PathLike) -> Path:
     complete latest checkpoint.
     """
     latest, previous = Path(run_dir) / "checkpoint.pt", Path(run_dir) / "checkpoint_prev.pt"
+    for stale in Path(run_dir).glob(".checkpoint*.pt.tmp*"):  # a killed writer's, or a link left below
+        stale.unlink(missing_ok=True)
     if latest.exists():
         tmp = _temp_path(previous)
-        tmp.unlink(missing_ok=True)
         try:
             os.link(latest, tmp)
         except OSError:
             shutil.copyfile(latest, tmp)
         os.replace(tmp, previous)
+        # Where `previous` already was `latest` (a kill between the two steps last time), the rename leaves both
+        # names: POSIX renames nothing between two links to one file.
+        tmp.unlink(missing_ok=True)
     save_checkpoint(obj, latest)
     return latest
 

@@ -165,6 +165,24 @@ def test_evaluation_with_two_processes_equals_one(recipe, trained, data):
     assert lines[0] and lines[0] == lines[1] and expected in lines[0][0]
 
 
+def test_two_process_training_evaluates_and_saves_one_model(tmp_path):
+    """Without precise BN each rank's BN statistics follow its own batches (8 clips per device: plain BN, not
+    synchronised); the ranks pool them before evaluating and saving, so the run's own test scores every video with
+    the model its checkpoint holds."""
+    make_demo_data.main(make_demo_data.get_args_parser().parse_args(
+        ["--out", str(tmp_path), "--datasets", "charades", "--charades-classes", "4", "--charades-videos", "16",
+         "--charades-test-videos", "4", "--charades-seconds", "2", "3", "--size", "48", "--workers", "1"]))
+    data, run = tmp_path / "charades", tmp_path / "ddp"
+    result = run_script("charades", flags("charades", data, run, "--epochs", "1", "--batch-size", "8",
+                                          "--precise-bn-batches", "0", "--nproc", "2"))
+    assert result.returncode == 0, result.stderr
+    in_run = [line for line in result.stdout.splitlines() if line.startswith("test: ")]
+    result = run_script("charades", ["--data-root", str(data), "--eval", "--resume", str(run / "checkpoint.pt"),
+                                     "--workers", "0", "--no-progress", *VIEWS["charades"]])
+    assert result.returncode == 0, result.stderr
+    assert in_run and in_run == [line for line in result.stdout.splitlines() if line.startswith("test: ")]
+
+
 def test_killed_run_resumes_to_identical_weights_and_whole_epoch_statistics(trained, data, tmp_path, signal_mid_epoch):
     run = tmp_path / "killed"
     args = flags("charades", data, run, *PLATEAU, "--save-every", "1")

@@ -1,5 +1,6 @@
 """engine.py: DDP training step equals single-process, multi-view evaluation is independent of the process count,
-precise BN computes population statistics."""
+ranks share BN statistics before evaluating and saving, precise BN computes population statistics, a stop saves a
+state that resumes exactly."""
 
 import copy
 import os
@@ -15,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 import engine
-from x3d import build_model, set_bn_splits
+from x3d import SubBatchNorm3d, build_model, set_bn_splits
 
 CLIP = (3, 4, 32, 32)  # (C, T, H, W): small enough for a fast CPU test, big enough for every stage
 
@@ -205,3 +206,97 @@ def test_plateau_scale_follows_torch_reduce_lr_on_plateau(patience):
         reference.step(loss)
         assert engine.plateau_scale(losses[:n], patience) == pytest.approx(optimizer.param_groups[0]["lr"]), n
     assert engine.plateau_scale(losses, patience) < 1  # the sequence does reach a plateau
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# BN statistics across ranks, and a stop that resumes exactly
+# ----------------------------------------------------------------------------------------------------------------------
+def _bn_net(splits: int = 1) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv3d(3, 4, 1), SubBatchNorm3d(4, num_splits=splits), nn.Flatten(), nn.Linear(4 * 2 * 3 * 3, 5))
+
+
+def _sync(rank, world, port, out_dir):
+    _init(rank, world, port)
+    model = _bn_net(splits=2).train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 2, 3, 3, generator=torch.Generator().manual_seed(rank)) * (rank + 1) + rank)
+    bn = model[1]
+    local = engine.copy.deepcopy(bn).eval()  # this rank's own statistics, its groups folded in
+    engine.sync_bn_stats(model)
+    torch.save({"local": (local.running_mean, local.running_var), "synced": (bn.running_mean, bn.running_var),
+                "groups": (bn.split_mean, bn.split_var)}, os.path.join(out_dir, f"bn{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_sync_bn_stats_gives_every_rank_the_pooled_statistics(tmp_path):
+    _run_ranks(_sync, 2, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"bn{r}.pt") for r in range(2)]
+    means = torch.stack([r["local"][0] for r in ranks])
+    variances = torch.stack([r["local"][1] for r in ranks])
+    assert not torch.allclose(means[0], means[1])  # the ranks saw different batches
+    pooled_var = variances.mean(0) + means.var(0, unbiased=False)  # law of total variance, ranks as groups
+    for r in ranks:
+        assert torch.allclose(r["synced"][0], means.mean(0), atol=1e-6)
+        assert torch.allclose(r["synced"][1], pooled_var, atol=1e-5)
+        # the sub-batch groups restart from the pooled statistics
+        assert torch.equal(r["groups"][0], r["synced"][0].repeat(2)) and torch.equal(r["groups"][1], r["synced"][1].repeat(2))
+
+
+def test_a_stop_finishes_the_step_saves_and_resumes_to_the_same_state():
+    torch.manual_seed(5)
+    loader = [(torch.randn(2, 3, 2, 3, 3), torch.randint(0, 5, (2,))) for _ in range(6)]
+    kwargs = dict(epoch=0, num_iters=6, lr_at=lambda e: 0.1, device=torch.device("cpu"), seed=0, progress=False)
+
+    def run(model, batches, start_iter=0, meters=None, **extra):
+        opt = engine.build_optimizer(model, lr=0.1, weight_decay=0.0)
+        if "optimizer" in extra:
+            opt.load_state_dict(extra.pop("optimizer"))
+        engine.train_one_epoch(model, batches, opt, F.cross_entropy, start_iter=start_iter, meters=meters,
+                               **kwargs, **extra)
+        return opt
+
+    uninterrupted = _bn_net()
+    run(uninterrupted, loader)
+
+    saved = {}
+    calls = iter(range(100))
+    stopped = _bn_net()
+    opt = engine.build_optimizer(stopped, lr=0.1, weight_decay=0.0)
+
+    def save_fn(it, meters):
+        saved.update(iteration=it, meters=meters, model=copy.deepcopy(stopped.state_dict()),
+                     optimizer=copy.deepcopy(opt.state_dict()))
+
+    with pytest.raises(engine.TrainingStopped) as stop:  # asked to stop during the third step
+        engine.train_one_epoch(stopped, loader, opt, F.cross_entropy, save_fn=save_fn,
+                               should_stop=lambda: next(calls) >= 2, **kwargs)
+    assert stop.value.iteration == saved["iteration"] == 3 and saved["meters"]["iters"] == 3  # that step finished
+
+    resumed = _bn_net()
+    resumed.load_state_dict(saved["model"])
+    run(resumed, loader[3:], start_iter=3, meters=saved["meters"], optimizer=saved["optimizer"])
+    for key, value in uninterrupted.state_dict().items():  # BN's running statistics included
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_a_resume_mid_epoch_with_other_processes_or_data_is_refused(tmp_path, capsys):
+    state = {"model": {}, "epoch": 3, "world_size": 2, "num_train_samples": 100}
+    engine.check_resumable(state, tmp_path / "checkpoint.pt", 0, 2, 100)  # the same: nothing to say
+    assert capsys.readouterr().err == ""
+    with pytest.raises(engine.utils.CheckpointError, match=r"checkpoint.pt was saved mid-epoch \(epoch 4, iteration "
+                       r"5\) and this run has processes 1 \(the checkpoint has 2\)"):
+        engine.check_resumable(state, tmp_path / "checkpoint.pt", 5, 1, 100)
+    with pytest.raises(engine.utils.CheckpointError, match=r"training videos 99 \(the checkpoint has 100\)"):
+        engine.check_resumable(state, tmp_path / "checkpoint.pt", 5, 2, 99)
+    engine.check_resumable(state, tmp_path / "checkpoint.pt", 0, 1, 100)  # at an epoch's end: goes on, says so
+    assert "batches per step and the default LR differ from here on" in capsys.readouterr().err
+
+
+def test_resuming_a_file_without_training_state_points_to_finetune(tmp_path):
+    weights = tmp_path / "x3d_xs.pt"
+    torch.save({"model_state": {}}, weights)
+    args = engine.argparse.Namespace(eval=False, resume=str(weights))
+    with pytest.raises(engine.utils.CheckpointError, match=f"{weights}: not a training checkpoint of this project.*"
+                                                          f"--finetune"):
+        engine.starting_point(args, tmp_path)

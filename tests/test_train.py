@@ -131,6 +131,7 @@ def test_flag_combinations_are_checked_before_any_data(tmp_path):
         (["--crop", "200"], r"--jitter \[182, 228\] must be MIN <= MAX with MIN at least --crop 200"),
         (["--max-failure-fraction", "2"], "--max-failure-fraction must be in"),
         (["--restart", "--eval"], "--restart starts the run folder over"),
+        (["--eval", "--test-views", "0"], "--eval runs the test: --test-views must be at least 1"),
         (["-gpu", "a,b"], "-gpu takes comma-separated device numbers"),
     ]:
         with pytest.raises(UserError, match=message):

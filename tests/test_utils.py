@@ -162,6 +162,24 @@ def test_run_folder_always_has_a_latest_checkpoint(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert load_checkpoint_file(tmp_path / "checkpoint.pt")["epoch"] == 2
     assert load_checkpoint_file(tmp_path / "checkpoint_prev.pt")["epoch"] == 2
+    assert any(tmp_path.glob(".checkpoint.pt.tmp*"))  # the killed writer's temp file
+    # The next save leaves no hidden file behind, though the two names were links to one file.
+    save_run_checkpoint({"epoch": 3}, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "checkpoint_prev.pt"]
+    assert load_checkpoint_file(tmp_path / "checkpoint.pt")["epoch"] == 3
+    assert load_checkpoint_file(tmp_path / "checkpoint_prev.pt")["epoch"] == 2
+
+
+def test_a_log_line_cut_short_is_ended_and_skipped_with_a_warning(tmp_path, capsys):
+    logger = utils.RunLogger(tmp_path)
+    logger.log({"val_top1": 50.0}, 1)
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"epoch": 2, "val_to')  # killed while appending
+    logger.log({"test_top1": 75.0}, 2)
+    records = utils.read_log(tmp_path / "log.jsonl")
+    assert records == [{"epoch": 1, "val_top1": 50.0}, {"epoch": 2, "test_top1": 75.0}]
+    assert f"warning: {tmp_path / 'log.jsonl'}, line 2: not a JSON record" in capsys.readouterr().err
+    assert utils.read_log(tmp_path / "missing.jsonl") == []
 
 
 # ----------------------------------------------------------------------------------------------------------------------
