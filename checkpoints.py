@@ -224,8 +224,9 @@ def _insert_identity_bn(state: dict[str, torch.Tensor], layer: str, conv_key: st
 # ----------------------------------------------------------------------------------------------------------------------
 # Which variant the weights are
 # ----------------------------------------------------------------------------------------------------------------------
-def architecture(state: dict[str, torch.Tensor]) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
-    """(stem width, stage output widths, blocks per stage) of a state dict in this project's keys."""
+def architecture(state: dict[str, torch.Tensor],
+                 path: os.PathLike | str = "") -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """(stem width, stage output widths, blocks per stage) of a state dict in this project's keys (from `path`)."""
     blocks = [0, 0, 0, 0]
     for key in state:
         m = re.match(r"stages\.([0-3])\.(\d+)\.conv_a\.weight$", key)
@@ -235,7 +236,7 @@ def architecture(state: dict[str, torch.Tensor]) -> tuple[int, tuple[int, ...], 
         widths = tuple(state[f"stages.{s}.0.conv_c.weight"].shape[0] for s in range(4))
         return state["stem.conv_s.weight"].shape[0], widths, tuple(blocks)
     except KeyError as e:
-        raise CheckpointError(f"incomplete X3D weights: {e.args[0]} is missing") from e
+        raise CheckpointError(f"{path}: incomplete X3D weights: {e.args[0]} is missing") from e
 
 
 def _variant_architecture(name: str) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
@@ -256,7 +257,7 @@ def resolve_variant(state: dict[str, torch.Tensor], requested: str | None = None
     XS, S and M share every weight shape, so among them: `requested` (--model), else the name stored in the
     checkpoint, else a variant named in the file name (X3D_XS.pyth), else x3d_m.
     """
-    found = architecture(state)
+    found = architecture(state, path)
     fits = [name for name in MODELS if _variant_architecture(name) == found]
     if not fits:
         stem, widths, blocks = found
@@ -372,17 +373,21 @@ def _converted_class_names(given: list[str] | None, num_classes: int, in_weights
                            path: os.PathLike | str) -> tuple[list[str] | None, str]:
     if given is not None:
         if len(given) != num_classes:
-            raise CheckpointError(f"{path}: {len(given)} class names given for a model of {num_classes} classes")
+            raise CheckpointError(f"--labels gives {len(given)} class names, but the model converted from {path} has "
+                                  f"{num_classes} classes")
         return list(given), "as given"
     if num_classes != in_weights:  # a fresh classifier's outputs mean nothing yet
         return None, "none for a re-initialised classifier"
     return default_class_names(num_classes, stored)
 
 
+CHECKPOINT_INPUT_KEYS = ("multi_label", "mean", "std", "rate_fps")  # kept from this project's files, for predict.py
+
+
 def convert_checkpoint(path: os.PathLike | str, model: str | None = None, num_classes: int | None = None,
                        classes: list[str] | None = None) -> tuple[dict, list[str]]:
     """Any supported file -> this project's {"model", "model_cfg", "converted_from"[, "classes", "classes_from"]}
-    dict, and what was done.
+    dict (and, from this project's own files, CHECKPOINT_INPUT_KEYS where present), and what was done.
 
     `classes` names the converted model's classes; by default they are the checkpoint's own names, or Kinetics-400's
     for a 400-class classifier (FAIR's files carry no names), and none for a re-initialised classifier.
@@ -398,7 +403,10 @@ def convert_checkpoint(path: os.PathLike | str, model: str | None = None, num_cl
     if stored_cfg and stored_cfg.get("name") == name:
         cfg.update(stored_cfg)
     cfg["num_classes"] = num_classes or in_weights
-    net = build_model_from_cfg(cfg)
+    try:
+        net = build_model_from_cfg(cfg)
+    except ValueError as e:  # a model_cfg written by another version of this project
+        raise CheckpointError(f"{path}: {e}") from e
     notes = [f"{path}: {FORMAT_NAMES[fmt]}", f"variant {name} ({why}), {in_weights} classes in the weights"]
     if cfg["num_classes"] == in_weights:
         try:
@@ -410,8 +418,13 @@ def convert_checkpoint(path: os.PathLike | str, model: str | None = None, num_cl
         notes.append(f"classifier re-initialised for {cfg['num_classes']} classes; {finetune_summary(report)}")
     names, source = _converted_class_names(classes, cfg["num_classes"], in_weights, ckpt.get("classes"), path)
     notes.append(f"class names: {source}")
+    # A file this tool wrote keeps the source it was converted from: its model_cfg then holds the variant's default
+    # input, not what the source was trained on, and engine.resolve_input must know that.
+    earlier = ckpt.get("converted_from") if fmt == "project" else None
     out = {"model": net.state_dict(), "model_cfg": dataclasses.asdict(net.cfg),
-           "converted_from": {"file": Path(path).name, "format": fmt}}
+           "converted_from": earlier if isinstance(earlier, dict) else {"file": Path(path).name, "format": fmt}}
     if names is not None:
         out.update(classes=names, classes_from=source)
+    if fmt == "project":  # how the run read and scored its clips (the Charades recipes record it)
+        out.update({key: ckpt[key] for key in CHECKPOINT_INPUT_KEYS if key in ckpt})
     return out, notes

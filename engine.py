@@ -13,7 +13,6 @@ import argparse
 import copy
 import dataclasses
 import itertools
-import json
 import math
 import sys
 import time

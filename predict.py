@@ -8,6 +8,11 @@ PyTorchVideo files, the original X3D-Multigrid files). Class names come from --l
 checkpoint (`classes`, which this project's runs and tools/convert_checkpoint.py store), else, for a 400-class model,
 Kinetics-400's in the class order of FAIR's released weights (kinetics_400_classes.txt), else they are printed as
 indices.
+
+A checkpoint of the Charades recipes says how they read and scored clips (checkpoints.CHECKPOINT_INPUT_KEYS): its
+classes are scored as Charades is, each one's sigmoid of its highest logit over the views (several can be likely at
+once), from clips normalised with Charades' statistics and sampled in 24-fps frames. A localization model's per-frame
+head is scored per clip (the same weights, pooled over time).
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from torch.utils.data import DataLoader
 import engine
 from checkpoints import convert_checkpoint, read_class_names
 from kinetics_multigrid import KineticsDataset, Video
+from transforms import MEAN, STD
 from utils import UserError, keep_freed_memory, run_cli
+from video_dataset import TARGET_FPS
 from x3d import MODELS, build_model_from_cfg
 
 
@@ -52,26 +59,33 @@ def class_names(labels: str | None, converted: dict, num_classes: int) -> tuple[
 
 def main(args: argparse.Namespace) -> list[tuple[str, float]]:
     converted, notes = convert_checkpoint(args.checkpoint, model=args.model)
-    model = build_model_from_cfg(converted["model_cfg"])
+    model = build_model_from_cfg({**converted["model_cfg"], "head": "clip"})  # a per-frame head's weights fit too
     model.load_state_dict(converted["model"])
     cfg = model.cfg
     names, names_from = class_names(args.labels, converted, cfg.num_classes)
+    multi_label = bool(converted.get("multi_label"))
+    rate_fps = float(converted.get("rate_fps", TARGET_FPS))
 
     # One video in test mode: item i is (temporal view i // crops, spatial crop i % crops).
     dataset = KineticsDataset([Video(str(args.video), 0)], names, mode="test", frames=cfg.frames,
                               sampling_rate=cfg.sampling_rate, train_crop=cfg.train_crop,
                               train_jitter=tuple(cfg.train_jitter), test_crop=cfg.test_crop,
                               num_temporal_views=args.views, num_spatial_crops=args.crops, backend=args.backend,
-                              max_failure_fraction=1.0)
+                              max_failure_fraction=1.0, mean=tuple(converted.get("mean", MEAN)),
+                              std=tuple(converted.get("std", STD)), rate_fps=rate_fps, frame_fps=rate_fps)
     loader = DataLoader(dataset, batch_size=args.crops)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).to(memory_format=torch.channels_last_3d)
-    scores, _, counts = engine.predict_videos(model, loader, 1, cfg.num_classes, device, progress=False)
+    scores, _, counts = engine.predict_videos(model, loader, 1, cfg.num_classes, device, progress=False,
+                                              **(dict(activation="none", reduce="max") if multi_label else {}))
     if counts[0] == 0:
         raise UserError(f"{args.video}: could not be decoded")
+    if multi_label:
+        scores = scores.sigmoid()
     top = scores[0].topk(min(args.topk, cfg.num_classes))
     result = [(names[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist())]
-    print(f"{args.video}  ({cfg.name}, {int(counts[0])} views; {notes[0]}; class names: {names_from})")
+    scoring = "sigmoid of the highest logit, multi-label" if multi_label else "mean softmax"
+    print(f"{args.video}  ({cfg.name}, {int(counts[0])} views, {scoring}; {notes[0]}; class names: {names_from})")
     for name, p in result:
         print(f"  {p:7.2%}  {name}")
     return result

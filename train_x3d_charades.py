@@ -118,7 +118,7 @@ def main(args: argparse.Namespace) -> dict:
     train_set, val_set = build_dataset(args, spec, "train"), build_dataset(args, spec, "test", args.val_views)
     model = engine.make_model(args, spec, val_set.num_classes, "clip", state, device)
     stats = engine.fit(model, task, schedule, train_set, val_set, args, device, run_dir, log, (state, source),
-                       extras={"classes": list(val_set.classes)})
+                       extras={"classes": list(val_set.classes), **charades.CHECKPOINT_INPUT})
 
     # ---- final multi-view test ----
     if test_views > 0:

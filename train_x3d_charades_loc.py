@@ -166,7 +166,7 @@ def main(args: argparse.Namespace) -> dict:
     train_set, val_set = build_dataset(args, spec, "train"), build_dataset(args, spec, "test")
     model = engine.make_model(args, spec, val_set.num_classes, "frame", state, device)
     stats = engine.fit(model, task, schedule, train_set, val_set, args, device, run_dir, log, (state, source),
-                       extras={"classes": list(val_set.classes)})
+                       extras={"classes": list(val_set.classes), **charades.CHECKPOINT_INPUT})
 
     # ---- final test ----
     test_set = build_dataset(args, spec, "test", args.test_crops)

@@ -23,7 +23,7 @@ from charades import (
     localization_map,
     mean_average_precision,
 )
-from video_dataset import AnnotationError, ClipSpec
+from video_dataset import AnnotationError, ClipSpec, TooManyFailuresError
 
 REAL_JSON = Path("/work/shared/data/charades.json")
 if not REAL_JSON.is_file():  # the repository's own copy, when the shared one is not mounted
@@ -246,3 +246,13 @@ def test_chance_map_is_the_map_of_constant_scores():
     assert chance_map(targets) == pytest.approx(100 * targets[:, :6].mean(0).mean())
     with pytest.raises(ValueError, match="no class has a positive"):
         chance_map(np.zeros((3, 2)))
+
+
+def test_test_videos_missing_on_disk_are_scored_as_failed_not_left_out(root: Path):
+    write_csv(root / "Charades_v1_test.csv", {"CCCCC": ACTIONS["CCCCC"], "YYYYY": ACTIONS["AAAAA"]})
+    test = dataset(root, "test", mode="test", num_temporal_views=1, num_spatial_crops=1, max_failure_fraction=0.5)
+    assert [v.id for v in test.videos] == ["CCCCC", "YYYYY"] and test.missing == ["YYYYY"]
+    assert test.failure_count == 1 and test[1][3] == -1 and test[0][3] == 0  # YYYYY: no view; CCCCC decodes
+    with pytest.raises(TooManyFailuresError, match="1 of 2 videos failed to decode"):  # at once, not after training
+        dataset(root, "test", mode="test", num_temporal_views=1, num_spatial_crops=1, max_failure_fraction=0.4)
+    assert dataset(root, "train").num_videos == 2  # training leaves missing videos out

@@ -214,3 +214,17 @@ def test_killed_run_resumes_to_identical_weights_and_whole_epoch_statistics(trai
     assert lrs == pytest.approx([0.05, 0.05, 0.005])  # the plateau policy acted, so the resumed run had to know it
     assert len(ours) == 1 and ours[0]["train_iters"] == theirs[0]["train_iters"] == 8
     assert ours[0]["train_loss"] == theirs[0]["train_loss"] and ours[0]["train_lr"] == theirs[0]["train_lr"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_predict_scores_a_charades_checkpoint_as_the_recipe_does(recipe, trained, data, capsys):
+    import predict
+
+    ckpt = load_checkpoint_file(trained[recipe] / "checkpoint.pt")
+    assert ckpt["multi_label"] and ckpt["rate_fps"] == 24.0 and ckpt["mean"] == [0.413, 0.368, 0.338]
+    video = sorted((data / "Charades_v1_rgb").iterdir())[0]
+    result = predict.main(predict.get_args_parser().parse_args(
+        [str(video), "--checkpoint", str(trained[recipe] / "checkpoint.pt"), "--views", "2", "--crops", "1"]))
+    assert "2 views, sigmoid of the highest logit, multi-label" in capsys.readouterr().out
+    assert len(result) == 4 and all(0 < p < 1 for _, p in result)
+    assert {name for name, _ in result} == set(ckpt["classes"])

@@ -320,6 +320,8 @@ def test_convert_tool_writes_a_loadable_checkpoint(tmp_path):
     ckpt = load_checkpoint_file(out)
     assert ckpt["model_cfg"]["name"] == "x3d_xs" and ckpt["model_cfg"]["num_classes"] == 7
     assert ckpt["converted_from"] == {"file": "x3d_s.pyth", "format": "pyslowfast"}
+    again, _ = convert_checkpoint(out)  # what --eval and predict.py do with it: still a converted PySlowFast file
+    assert again["converted_from"] == {"file": "x3d_s.pyth", "format": "pyslowfast"}
     rebuilt = build_model_from_cfg(ckpt["model_cfg"])
     rebuilt.load_state_dict(ckpt["model"])  # strict
     torch.testing.assert_close(rebuilt.stages[2][4].conv_b.weight, model.stages[2][4].conv_b.weight)
@@ -331,3 +333,15 @@ def test_convert_tool_writes_a_loadable_checkpoint(tmp_path):
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     assert "refused" in result.stderr and "execute code" in result.stderr
     assert not (tmp_path / "never.pt").exists()
+
+
+def test_incomplete_weights_and_unknown_settings_are_named_with_their_file(tmp_path):
+    state = our_model("x3d_xs").state_dict()
+    cut = tmp_path / "cut.pt"
+    torch.save({"model": {k: v for k, v in state.items() if k != "stages.3.0.conv_c.weight"}}, cut)
+    with pytest.raises(CheckpointError, match=f"{cut}: incomplete X3D weights: stages.3.0.conv_c.weight is missing"):
+        convert_checkpoint(cut)
+    newer = tmp_path / "newer.pt"
+    torch.save({"model": state, "model_cfg": {"name": "x3d_xs", "num_classes": 10, "stochastic_depth": 0.1}}, newer)
+    with pytest.raises(CheckpointError, match=f"{newer}: model_cfg has unknown fields \\['stochastic_depth'\\]"):
+        convert_checkpoint(newer)

@@ -213,7 +213,8 @@ def test_plateau_scale_follows_torch_reduce_lr_on_plateau(patience):
 # ----------------------------------------------------------------------------------------------------------------------
 def _bn_net(splits: int = 1) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv3d(3, 4, 1), SubBatchNorm3d(4, num_splits=splits), nn.Flatten(), nn.Linear(4 * 2 * 3 * 3, 5))
+    return nn.Sequential(nn.Conv3d(3, 4, 1), SubBatchNorm3d(4, num_splits=splits), nn.Flatten(),
+                         nn.Linear(4 * 2 * 3 * 3, 5))
 
 
 def _sync(rank, world, port, out_dir):
@@ -240,7 +241,8 @@ def test_sync_bn_stats_gives_every_rank_the_pooled_statistics(tmp_path):
         assert torch.allclose(r["synced"][0], means.mean(0), atol=1e-6)
         assert torch.allclose(r["synced"][1], pooled_var, atol=1e-5)
         # the sub-batch groups restart from the pooled statistics
-        assert torch.equal(r["groups"][0], r["synced"][0].repeat(2)) and torch.equal(r["groups"][1], r["synced"][1].repeat(2))
+        for groups, pooled in zip(r["groups"], r["synced"]):
+            assert torch.equal(groups, pooled.repeat(2))
 
 
 def test_a_stop_finishes_the_step_saves_and_resumes_to_the_same_state():
