@@ -558,9 +558,20 @@ def describe_data(**datasets: Any) -> None:
             print(f"{name} set: {dataset.summary()}")
 
 
+def rank_views(num_views: int, views_per_video: int = 1) -> range:
+    """This rank's share of an evaluation's views: whole videos, a contiguous block of them per rank.
+
+    Each view goes to exactly one rank (no padding), so results do not depend on the number of processes; and a
+    video's views stay together, so that one rank decodes each video, once for all of its views (video_dataset keeps
+    a video's decoded windows for its next views).
+    """
+    videos, rank, world = num_views // views_per_video, utils.get_rank(), get_world_size()
+    return range(videos * rank // world * views_per_video, videos * (rank + 1) // world * views_per_video)
+
+
 def eval_loader(dataset: Any, args: argparse.Namespace, batch_size: int | None = None) -> DataLoader:
-    """Each view goes to exactly one rank (no padding), so results do not depend on the number of processes."""
-    sampler = range(utils.get_rank(), len(dataset), get_world_size())
+    """The evaluation views of this rank (`rank_views`), in order."""
+    sampler = rank_views(len(dataset), getattr(dataset, "views_per_video", 1))
     return DataLoader(dataset, batch_size=batch_size or max(1, args.batch_size), sampler=sampler,
                       num_workers=args.workers, pin_memory=torch.cuda.is_available(),
                       worker_init_fn=utils.init_loader_worker)

@@ -302,3 +302,16 @@ def test_resuming_a_file_without_training_state_points_to_finetune(tmp_path):
     with pytest.raises(engine.utils.CheckpointError, match=f"{weights}: not a training checkpoint of this project.*"
                                                           f"--finetune"):
         engine.starting_point(args, tmp_path)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_every_view_goes_to_one_rank_with_the_other_views_of_its_video(world, monkeypatch):
+    monkeypatch.setattr(engine, "get_world_size", lambda: world)
+    shares = []
+    for rank in range(world):
+        monkeypatch.setattr(engine.utils, "get_rank", lambda r=rank: r)
+        shares.append(list(engine.rank_views(7 * 30, views_per_video=30)))
+    assert sorted(v for share in shares for v in share) == list(range(7 * 30))
+    owners = {v // 30: rank for rank, share in enumerate(shares) for v in share}
+    assert all(owners[v // 30] == rank for rank, share in enumerate(shares) for v in share)  # videos stay whole
+    assert max(map(len, shares)) - min(map(len, shares)) <= 30  # balanced to a video
