@@ -6,7 +6,7 @@ Annotation formats, detected by `build_kinetics(root, split)` in this order:
    format; label an integer, path relative to root or absolute; a comma may separate the two).
 2. `<root>/annotations/{train,validate}.csv`: the official CSV. Videos `<youtube_id>_<start:06d>_<end:06d>.<ext>` are
    looked up under `<root>/<split dir>/` or `<root>/<split dir>/<label>/` (split dirs train | val, validate, valid).
-   Classes are the train CSV's labels sorted alphabetically.
+   Classes are `labels.txt`'s, else the train CSV's labels sorted alphabetically (the order of FAIR's weights).
 3. The original repo's layout: ActivityNet-style `{youtube_id: {"subset", "annotations": {"label", "segment"}}}`
    JSON (optionally under "database") in `<root>`, `<root>/annotations` or `<root>/kinetics400`, `labels.txt` (line
    number = class index) and JPEG frame folders `<label>/<ytid>_<start:06d>_<end:06d>/frame_00001.jpg` (train) or
@@ -59,8 +59,12 @@ def _canonical_split(split: str) -> str:
     raise ValueError(f"unknown split {split!r}: use 'train' or 'val' ('validate' is accepted)")
 
 
-def read_official_csv(path: str | Path) -> list[tuple[str, str]]:
-    """(label, clip name `<youtube_id>_<start:06d>_<end:06d>`) per row of an official Kinetics CSV."""
+def read_official_csv(path: str | Path, classes: Sequence[str] | None = None,
+                      classes_from: str = "") -> list[tuple[str, str]]:
+    """(label, clip name `<youtube_id>_<start:06d>_<end:06d>`) per row of an official Kinetics CSV.
+
+    With `classes`, a label outside them is an error naming the line (`classes_from` says where they came from).
+    """
     with open(path, newline="", encoding="utf-8-sig") as f:  # spreadsheet exports start with a byte-order mark
         reader = csv.reader(f)
         header = [c.strip() for c in next(reader, [])]
@@ -79,7 +83,11 @@ def read_official_csv(path: str | Path) -> list[tuple[str, str]]:
                 start, end = (int(float(row[col[c]])) for c in ("time_start", "time_end"))
             except ValueError as error:
                 raise AnnotationError(f"{where}: time_start/time_end must be numbers ({error})") from error
-            rows.append((row[col["label"]].strip(), f"{row[col['youtube_id']].strip()}_{start:06d}_{end:06d}"))
+            label = row[col["label"]].strip()
+            if classes is not None and label not in classes:
+                raise AnnotationError(f"{where}: label {label!r} is not among the {len(classes)} classes "
+                                      f"({classes_from})")
+            rows.append((label, f"{row[col['youtube_id']].strip()}_{start:06d}_{end:06d}"))
     return rows
 
 
@@ -170,18 +178,15 @@ def _official_train_csv(root: Path) -> Path | None:
 
 def _official_videos(root: Path, csv_path: Path, split: str) -> tuple[list[Video], list[str], list[str]]:
     train_csv = csv_path if split == "train" else _official_train_csv(root)
-    if train_csv is not None:
-        classes = sorted({label for label, _ in read_official_csv(train_csv)})
-    elif (root / "labels.txt").is_file():
-        classes = _read_lines(root / "labels.txt")
+    if (root / "labels.txt").is_file():
+        classes, source = _read_lines(root / "labels.txt"), f"from {root / 'labels.txt'}"
+    elif train_csv is not None:
+        classes, source = sorted({label for label, _ in read_official_csv(train_csv)}), f"the labels of {train_csv}"
     else:
         log.warning("%s: no train CSV or labels.txt; classes are this split's labels", csv_path)
-        classes = sorted({label for label, _ in read_official_csv(csv_path)})
+        classes, source = sorted({label for label, _ in read_official_csv(csv_path)}), f"the labels of {csv_path}"
     index = {c: i for i, c in enumerate(classes)}
-    rows = read_official_csv(csv_path)
-    unknown = sorted({label for label, _ in rows if label not in index})
-    if unknown:
-        raise AnnotationError(f"{csv_path}: labels not among the {len(classes)} classes: {unknown[:5]}")
+    rows = read_official_csv(csv_path, index, source)
     found = index_videos(root, split, {name for _, name in rows})
     videos = [Video(found.get(name, str(root / split / name)), index[label]) for label, name in rows]
     return *drop_missing(videos, [name in found for _, name in rows], str(csv_path)), classes
@@ -218,9 +223,10 @@ def _json_videos(root: Path, json_path: Path, split: str) -> tuple[list[Video], 
         classes = sorted({label for label, _, _ in read_activitynet_json(train_json, "train")})
         source = f"the labels of {train_json}"
     index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted({label for label, _, _ in entries if label not in index})
+    unknown = next(((ytid, label) for label, ytid, _ in entries if label not in index), None)
     if unknown:
-        raise AnnotationError(f"{json_path}: labels not among the {len(classes)} classes of {source}: {unknown[:5]}")
+        raise AnnotationError(f"{json_path}: entry {unknown[0]!r}: label {unknown[1]!r} is not among the "
+                              f"{len(classes)} classes of {source}")
     # Training clips are named with their segment, validation clips by the YouTube id alone.
     found = index_videos(root, split, {n for _, ytid, name in entries for n in (ytid, name)})
     paths = [found.get(name, found.get(ytid)) for _, ytid, name in entries]

@@ -130,6 +130,19 @@ def test_official_csv_malformed_line_names_file_and_line(official_root: Path):
         build_kinetics(official_root, "train")
 
 
+def test_official_csv_classes_come_from_labels_txt_when_there_is_one(official_root: Path):
+    (official_root / "labels.txt").write_text("zumba\nair drumming\nyodelling\n")  # its order, its classes
+    train = build_kinetics(official_root, "train")
+    assert train.classes == ["zumba", "air drumming", "yodelling"] and train.labels == [0, 1, 1]
+    write_csv(official_root / "annotations" / "validate.csv", [["yodelling", "ddddddddddd", 3, 13, "val"]])
+    assert build_kinetics(official_root, "val", mode="test").labels == [2]
+    write_csv(official_root / "annotations" / "validate.csv", [["zumba", "ddddddddddd", 3, 13, "val"],
+                                                               ["hopscotch", "eeeeeeeeeee", 3, 13, "val"]])
+    with pytest.raises(AnnotationError, match=r"validate\.csv:3: label 'hopscotch' is not among the 3 classes "
+                                              r"\(from .*labels\.txt\)"):
+        build_kinetics(official_root, "val", mode="test")
+
+
 def test_list_file_format(tmp_path: Path):
     write_mp4(tmp_path / "videos" / "one.mp4", 20)
     write_frames(tmp_path / "folders" / "two", 20)
@@ -198,7 +211,8 @@ def test_json_validation_classes_come_from_the_training_json(tmp_path: Path):
     val = build_kinetics(tmp_path, "val", mode="test")
     assert val.classes == ["air drumming", "zumba"] and val.labels == [1]
     (tmp_path / "val.json").write_text(json.dumps({"ccccccccccc": entry("validate", "yodelling")}))
-    with pytest.raises(AnnotationError, match=r"val\.json: labels not among the 2 classes of the labels of .*train"):
+    with pytest.raises(AnnotationError, match=r"val\.json: entry 'ccccccccccc': label 'yodelling' is not among the 2 "
+                                              r"classes of the labels of .*train"):
         build_kinetics(tmp_path, "val", mode="test")
 
 
@@ -365,3 +379,84 @@ def test_prepare_kinetics_writes_lists_and_reencodes(official_root: Path, tmp_pa
     ds = build_kinetics(out, "val", mode="test", num_temporal_views=1, num_spatial_crops=1, frames=4,
                         sampling_rate=2, test_crop=32, **PLAIN)
     assert ds.labels == [1] and decode_indices(ds[0][0]) == [16, 18, 20, 23]
+
+
+def write_download(path: Path, num_frames: int = 40, *, rotation: int = 0, title: str | None = None) -> Path:
+    """An MP4 as YouTube serves it, its index (moov) before the packets; lossless H.264 whose frame i is level(i) on
+    its left half and black on its right (tells orientations apart), shown `rotation` degrees counter-clockwise."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as out:
+        if title:
+            out.metadata["title"] = title
+        stream = out.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"crf": "0", "g": "8"}
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for i in range(num_frames):
+            image = np.zeros((48, 64, 3), np.uint8)
+            image[:, :32] = level(i)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        out.mux(stream.encode())
+    return path
+
+
+def reencode_job(src: Path, dst: Path) -> tuple[Path, str | None]:
+    """prepare_kinetics' worker at a short side above the source's (no scaling) and losslessly: the copy's frames
+    are the source's."""
+    return prepare_kinetics._reencode_job((str(src), dst, 256, 16, 0, True))
+
+
+def test_prepare_kinetics_keeps_a_download_cut_short(tmp_path: Path, capsys):
+    whole = write_download(tmp_path / "whole.mp4").read_bytes()
+    src = tmp_path / "cut.mp4"
+    src.write_bytes(whole[: len(whole) * 98 // 100])  # its last packet is cut: decoding it fails
+    dst = tmp_path / "out" / "cut.mp4"
+    assert reencode_job(src, dst) == (dst, None)
+    num_frames = probe(dst).num_frames
+    assert 36 <= num_frames < 40  # the frames before the cut are kept, as training reads them from the original
+    frames = range(num_frames)
+    assert torch.equal(video_io.read_frames(dst, frames), video_io.read_frames(src, frames))
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["cut.mp4", "cut.mp4.packets"]
+
+    # A video none of whose packets decodes still fails, and is reported and left out of the list file.
+    start = whole.index(b"mdat") + 4
+    src.write_bytes(whole[:start] + b"\xff" * (len(whole) - start))
+    dst = tmp_path / "out" / "garbled.mp4"
+    assert prepare_kinetics.reencode_all([(str(src), dst, 256, 16, 0, True)], workers=1) == {dst}
+    assert "failed: " in capsys.readouterr().out and not dst.exists()
+
+
+def test_prepare_kinetics_ignores_tags_that_are_not_utf8(tmp_path: Path):
+    src = write_download(tmp_path / "latin1.mp4", 8, title="cafeX")
+    data = src.read_bytes()
+    src.write_bytes(data.replace(b"cafeX", b"caf\xe9X"))  # "café" in Latin-1, as some uploaders' tools write it
+    dst = tmp_path / "out" / "latin1.mp4"
+    assert reencode_job(src, dst) == (dst, None)
+    assert torch.equal(video_io.read_frames(dst, range(8)), video_io.read_frames(src, range(8)))
+
+
+def test_prepare_kinetics_failed_job_leaves_no_temporary_file(tmp_path: Path):
+    src = write_download(tmp_path / "video.mp4", 8)
+    dst = tmp_path / "out" / "video.mp4"
+    dst.mkdir(parents=True)  # a folder holds the output's name: the job fails once its temporary file is written
+    dst_, problem = reencode_job(src, dst)
+    assert dst_ == dst and str(src) in problem
+    assert [p.name for p in dst.parent.iterdir()] == ["video.mp4"]  # tools/index_videos.py would index a .part.mp4
+
+
+@pytest.mark.parametrize("backend", video_io.available_backends())
+def test_prepare_kinetics_keeps_the_rotation(tmp_path: Path, backend: str):
+    src = write_download(tmp_path / "phone.mp4", 8, rotation=90)
+    dst = tmp_path / "out" / "phone.mp4"
+    prepare_kinetics.reencode(str(src), dst, 32, 16, 0, True)
+    with av.open(str(dst)) as container:
+        frame = next(container.decode(video=0))
+        assert (frame.rotation, frame.width, frame.height) == (90, 42, 32)  # players show it upright
+    # Training reads the copy in the orientation it reads the original in (torchcodec applies the rotation, PyAV
+    # does not), so the copy's frames are the original's, scaled.
+    original = video_io.read_frames(src, [0, 7], backend=backend).float()
+    copy = video_io.read_frames(dst, [0, 7], backend=backend).float()
+    assert copy.shape[2:] == ((32, 42) if original.shape[3] > original.shape[2] else (42, 32))
+    scaled = torch.nn.functional.interpolate(original, size=copy.shape[2:], mode="area")
+    assert (copy - scaled).abs().mean() < 2

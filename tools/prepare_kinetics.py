@@ -15,14 +15,19 @@ few short GOPs instead of whole seconds of video, encoded for fast decoding (x26
 --no-fast-decode for smaller files), and each gets its packet index beside it (`<video>.packets`,
 tools/index_videos.py), so that loader workers read it without a demuxer. The job is resumable: a video whose output
 exists and opens is skipped (and indexed if it has no index yet), and outputs are written to a temporary file and
-renamed, so an interrupted run never leaves a half file. Without --short-side the original videos are left as they
-are; `python tools/index_videos.py <root>` indexes them where they are MP4 files.
+renamed, so an interrupted or failed job never leaves a half file. Packets that fail to decode (a download cut short)
+are skipped, as training's reader skips them, rather than failing the video; a video of which no frame decodes is
+reported and left out of the list file. A phone video's rotation (display matrix) is kept as metadata, not applied to
+the pixels, so training reads the copy in the orientation it reads the original in. Without --short-side the original
+videos are left as they are; `python tools/index_videos.py <root>` indexes them where they are MP4 files.
 """
 
 import argparse
 import multiprocessing
 import os
+import struct
 import sys
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -83,24 +88,59 @@ def reencode(src: str, dst: Path, short_side: int, keyframe_interval: int, crf: 
     `fast_decode`, x264's fastdecode tuning (no CABAC, no deblocking filter)."""
     tmp = dst.with_name(dst.stem + ".part.mp4")
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(src) as source, av.open(str(tmp), "w") as target:
-        stream = source.streams.video[0]
-        stream.codec_context.thread_count = 1  # parallelism comes from --workers processes
-        rate = stream.average_rate or stream.guessed_rate or Fraction(30)
-        width, height = stream.codec_context.width, stream.codec_context.height
-        scale = min(1.0, short_side / min(width, height))
-        out = target.add_stream("libx264", rate=rate)
-        out.width, out.height, out.pix_fmt = _even(width * scale), _even(height * scale), "yuv420p"
-        out.options = {"crf": str(crf), "g": str(keyframe_interval), "preset": "fast",
-                       **({"tune": "fastdecode"} if fast_decode else {})}
-        out.codec_context.thread_count = 1
-        for i, frame in enumerate(source.decode(stream)):
-            frame = frame.reformat(width=out.width, height=out.height, format="yuv420p")
-            # Frames renumbered at the average rate: variable-rate sources become constant-rate.
-            frame.pts, frame.time_base = i, 1 / Fraction(rate)
-            target.mux(out.encode(frame))
-        target.mux(out.encode())
-    os.replace(tmp, dst)
+    try:
+        # Tags that are not UTF-8 (a Latin-1 title) would fail the open; video_io ignores them too.
+        with av.open(src, metadata_errors="ignore") as source, av.open(str(tmp), "w") as target:
+            stream = source.streams.video[0]
+            stream.codec_context.thread_count = 1  # parallelism comes from --workers processes
+            rate = stream.average_rate or stream.guessed_rate or Fraction(30)
+            width, height = stream.codec_context.width, stream.codec_context.height
+            scale = min(1.0, short_side / min(width, height))
+            out = target.add_stream("libx264", rate=rate)
+            out.width, out.height, out.pix_fmt = _even(width * scale), _even(height * scale), "yuv420p"
+            out.options = {"crf": str(crf), "g": str(keyframe_interval), "preset": "fast",
+                           **({"tune": "fastdecode"} if fast_decode else {})}
+            out.codec_context.thread_count = 1
+            for i, frame in enumerate(_decodable_frames(source, stream)):
+                if i == 0:
+                    _keep_display_matrix(frame, out)
+                frame = frame.reformat(width=out.width, height=out.height, format="yuv420p")
+                # Frames renumbered at the average rate: variable-rate sources become constant-rate.
+                frame.pts, frame.time_base = i, 1 / Fraction(rate)
+                target.mux(out.encode(frame))
+            target.mux(out.encode())
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failure: tools/index_videos.py would take a half file for a video
+
+
+def _decodable_frames(container: av.container.InputContainer, stream: av.video.stream.VideoStream
+                      ) -> Iterator[av.VideoFrame]:
+    """The stream's frames, without those of packets that fail to decode (a download cut short, a corrupt packet),
+    as video_io reads them; when no frame decodes, raises the last decoding error."""
+    error, count = None, 0
+    for packet in container.demux(stream):  # ends with an empty packet, which drains the decoder
+        try:
+            frames = packet.decode()
+        except av.FFmpegError as packet_error:
+            error = packet_error
+            continue
+        count += len(frames)
+        yield from frames
+    if count == 0:
+        raise error or VideoReadError(f"{container.name}: the video stream has no frames")
+
+
+def _keep_display_matrix(frame: av.VideoFrame, out: av.video.stream.VideoStream) -> None:
+    """Give the output the source's display matrix (a phone video's rotation, or a mirroring), if it has one.
+
+    The matrix is kept as metadata rather than applied to the pixels: video_io's PyAV reader ignores it and its
+    torchcodec reader applies it, so either reads the copy in the orientation it reads the original in."""
+    side_data = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)
+    if side_data is not None:
+        matrix = list(struct.unpack("=9i", bytes(side_data)))  # [a b u; c d v; x y w], row by row
+        matrix[6:8] = 0, 0  # a translation, in source pixels: wrong after scaling (FFmpeg's own rotations have none)
+        out.set_display_matrix(matrix)
 
 
 def _reencode_job(job: tuple[str, Path, int, int, int, bool]) -> tuple[Path, str | None]:
