@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import itertools
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -552,7 +554,19 @@ def check_failures(dataset: Any, device: torch.device) -> int:
 
 
 def describe_data(**datasets: Any) -> None:
-    """One line per dataset at the start of a run: videos, classes and the listed videos missing on disk."""
+    """One line per dataset at the start of a run (videos, classes, the listed videos missing on disk), after checking
+    that every rank found the same videos. Collective.
+
+    Each rank indexes the data itself; a machine that lacks some files (a local copy of the data) would number the
+    videos differently, train on other samples and, with fewer batches, hang the others.
+    """
+    for name, dataset in datasets.items():
+        names = "\n".join(os.path.basename(p) for p in dataset.paths).encode()
+        if not utils.same_on_all_ranks([len(dataset.paths), int.from_bytes(hashlib.blake2b(names, digest_size=7)
+                                                                           .digest(), "big")]):
+            raise utils.UserError(
+                f"the processes found different {name} videos (rank {utils.get_rank()}: {len(dataset.paths)}, "
+                f"{len(dataset.missing)} listed but missing): every machine must see the same data")
     if is_main_process():
         for name, dataset in datasets.items():
             print(f"{name} set: {dataset.summary()}")
@@ -636,11 +650,8 @@ def check_resumable(state: dict, source: Path | None, iteration: int, world: int
     processes (which scales the default LR) or of videos only changes the rest of the run.
     """
     epoch = int(state.get("epoch", 0))
-    if get_world_size() > 1:
-        here = torch.tensor([epoch, iteration, -epoch, -iteration], dtype=torch.float64)
-        dist.all_reduce(here, op=dist.ReduceOp.MAX)
-        if here[0] != -here[2] or here[1] != -here[3]:
-            raise utils.CheckpointError(
+    if not utils.same_on_all_ranks([epoch, iteration]):
+        raise utils.CheckpointError(
                 f"the processes loaded different checkpoints ({source} on rank {utils.get_rank()} is at epoch "
                 f"{epoch + 1}, iteration {iteration}): is the run folder on storage every machine sees?")
     changes = [f"{what} {now} (the checkpoint has {saved})" for what, now, saved in (
@@ -679,15 +690,14 @@ def fit(model: nn.Module, task: Task, schedule: MultigridSchedule, train_set: An
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and args.amp == "fp16" else None
     state, source = resume
     epoch0, iter0, meters, evaluations = restore(state, model, optimizer, scaler)
-    if state is not None:
-        check_resumable(state, source, iter0, world, len(train_set))
+    check_resumable(state or {}, source, iter0, world, len(train_set))  # on every rank: it compares them
     metric = f"val_{task.metric}"
 
+    if rank0 and state is not None:
+        print(f"Resumed from {source}: " + (f"epoch {epoch0 + 1}/{schedule.num_epochs}, iteration {iter0}"
+                                            if epoch0 < schedule.num_epochs else "training is over"))
+    describe_data(train=train_set, val=val_set)
     if rank0:
-        if state is not None:
-            print(f"Resumed from {source}: " + (f"epoch {epoch0 + 1}/{schedule.num_epochs}, iteration {iter0}"
-                                                if epoch0 < schedule.num_epochs else "training is over"))
-        describe_data(train=train_set, val=val_set)
         utils.write_json(vars(args), run_dir / "args.json")
         lr_curve = [(e / 20, schedule.lr_at(e / 20)) for e in range(20 * schedule.num_epochs + 1)]
         utils.write_json({"stages": [dataclasses.asdict(s) for s in schedule.stages], "lr": lr_curve},

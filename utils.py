@@ -300,6 +300,17 @@ def any_rank(flags: torch.Tensor, device: torch.device) -> torch.Tensor:
     return combined.cpu() > 0
 
 
+def same_on_all_ranks(values: Sequence[int]) -> bool:
+    """Whether every rank passed the same integers (int64; True when not distributed). Collective."""
+    if get_world_size() == 1:
+        return True
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    both = torch.tensor([*values, *(-v for v in values)], dtype=torch.int64, device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)  # the maxima, and minus the minima
+    highest, lowest = both.cpu().view(2, -1)
+    return bool(torch.equal(highest, -lowest))
+
+
 def get_rank() -> int:
     """Global rank, 0 when not distributed."""
     return dist.get_rank() if dist.is_initialized() else 0

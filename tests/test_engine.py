@@ -315,3 +315,28 @@ def test_every_view_goes_to_one_rank_with_the_other_views_of_its_video(world, mo
     owners = {v // 30: rank for rank, share in enumerate(shares) for v in share}
     assert all(owners[v // 30] == rank for rank, share in enumerate(shares) for v in share)  # videos stay whole
     assert max(map(len, shares)) - min(map(len, shares)) <= 30  # balanced to a video
+
+
+def _describe(rank, world, port, out_dir, drop):
+    _init(rank, world, port)
+    paths = [f"/data/{rank}/video{i}.mp4" for i in range(5 - (drop and rank == 1))]  # other folders, same names
+    data = type("Data", (), dict(paths=paths, missing=[], summary=lambda self: f"{len(self.paths)} videos"))()
+    try:
+        engine.describe_data(train=data)
+        outcome = "same"
+    except engine.utils.UserError as e:
+        outcome = str(e)
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(outcome)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_ranks_that_found_different_videos_stop_together(tmp_path, drop):
+    _run_ranks(_describe, 2, str(tmp_path), drop)
+    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    if not drop:
+        assert outcomes == ["same", "same"]
+    else:
+        assert outcomes[1].startswith("the processes found different train videos (rank 1: 4, 0 listed but missing)")
+        assert "every machine must see the same data" in outcomes[0]
