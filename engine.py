@@ -513,7 +513,7 @@ def finished_run(state: dict | None, schedule: MultigridSchedule, run_dir: Path,
                  test: bool) -> dict | None:
     """The stored test result of a run whose training is over, if its test was run or `test` is not wanted ({}),
     after saying so; None while training or the test is left to do."""
-    if state is None or int(state.get("epoch", 0)) < schedule.num_epochs:
+    if state is None or int(state.get("epoch", 0)) < schedule.num_epochs or state.get("pending_evaluation"):
         return None
     records = utils.read_log(run_dir / "log.jsonl")
     tested = [r for r in records if f"test_{task.metric}" in r]
@@ -706,19 +706,40 @@ def fit(model: nn.Module, task: Task, schedule: MultigridSchedule, train_set: An
         for warning in warnings:
             print(warning, file=sys.stderr)
 
-    def save(epoch: int, iteration: int, epoch_meters: dict | None = None) -> None:
+    def save(epoch: int, iteration: int, epoch_meters: dict | None = None, pending: dict | None = None) -> None:
         sync_bn_stats(model)  # every rank saves at the same points; rank 0 writes
         if rank0:
             utils.save_run_checkpoint({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler else None, "epoch": epoch, "iteration": iteration,
-                "epoch_meters": epoch_meters, "evaluations": evaluations,
+                "epoch_meters": epoch_meters, "evaluations": evaluations, "pending_evaluation": pending,
                 "best_metric": max((e[metric] for e in evaluations if metric in e), default=0.0),
                 "args": vars(args), "model_cfg": dataclasses.asdict(model.cfg), "world_size": world,
                 "num_train_samples": len(train_set),
                 "depthwise_backward": depthwise_conv.choices(), **extras}, run_dir)
 
+    def end_epoch(epoch: int, stats: dict) -> dict:
+        """Evaluate when due, save, log and print the epoch's line.
+
+        The checkpoint taken before an evaluation holds the epoch's statistics (`pending_evaluation`): a run killed
+        while it evaluates (the launcher kills workers that take long to stop after Ctrl-C) resumes by evaluating,
+        not by training the epoch again."""
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == schedule.num_epochs:
+            save(epoch + 1, 0, pending=stats)
+            stats = {**stats, **validate(model, task, train_set, val_set, schedule, epoch, args, device)}
+            evaluations.append({k: v for k, v in stats.items() if k.startswith("val_") and isinstance(v, int | float)})
+        save(epoch + 1, 0)
+        log.log(stats, epoch + 1)
+        if rank0:
+            print(f"epoch {epoch + 1}/{schedule.num_epochs}  " + "  ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()
+                if not isinstance(v, dict)))
+        return stats
+
     stats: dict = {}
+    if (state or {}).get("pending_evaluation") is not None:  # stopped while evaluating: evaluate again
+        set_bn_splits(model, schedule.shape_at(epoch0 - 1).bn_splits, schedule.shape_at(epoch0 - 1).bn_sync)
+        stats = end_epoch(epoch0 - 1, state["pending_evaluation"])
     loader = train_loader(train_set, schedule, epoch0, args, start_iter=iter0, end_epoch=schedule.num_epochs)
     batches = iter(loader)
     stop = utils.StopRequest()  # Ctrl-C: finish the step, save, print how to resume (the loop's handler)
@@ -737,15 +758,7 @@ def fit(model: nn.Module, task: Task, schedule: MultigridSchedule, train_set: An
         stats = {f"train_{k}": v for k, v in train_stats.items()}
         stats.update(shape=f"{shape.frames}x{shape.crop}", batch=shape.batch_size, bn_splits=shape.bn_splits,
                      failed_samples=check_failures(train_set, device))
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == schedule.num_epochs:
-            stats.update(validate(model, task, train_set, val_set, schedule, epoch, args, device))
-            evaluations.append({k: v for k, v in stats.items() if k.startswith("val_") and isinstance(v, int | float)})
-        save(epoch + 1, 0)
-        log.log(stats, epoch + 1)
-        if rank0:
-            print(f"epoch {epoch + 1}/{schedule.num_epochs}  " + "  ".join(
-                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()
-                if not isinstance(v, dict)))
+        stats = end_epoch(epoch, stats)
     return stats
 
 

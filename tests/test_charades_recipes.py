@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -181,6 +182,42 @@ def test_two_process_training_evaluates_and_saves_one_model(tmp_path):
                                      "--workers", "0", "--no-progress", *VIEWS["charades"]])
     assert result.returncode == 0, result.stderr
     assert in_run and in_run == [line for line in result.stdout.splitlines() if line.startswith("test: ")]
+
+
+def test_a_run_killed_while_evaluating_evaluates_again_and_ends_the_same(trained, data, tmp_path):
+    run = tmp_path / "killed_in_eval"
+    args = flags("charades", data, run, *PLATEAU)
+    killer = textwrap.dedent(f"""
+        import os, signal, sys
+        import train_x3d_charades as recipe
+        evaluate, calls = recipe.evaluate, []
+        def killed_in_the_second(*args, **kwargs):  # the second epoch's validation: the plateau policy then acts
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return evaluate(*args, **kwargs)
+        recipe.evaluate = killed_in_the_second
+        recipe.utils.launch(recipe.get_args_parser().parse_args({args!r}), recipe.main)
+    """)
+    proc = subprocess.run([sys.executable, "-c", killer], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    killed_at = load_checkpoint_file(run / "checkpoint.pt")
+    assert killed_at["epoch"] == 2 and killed_at["iteration"] == 0 and len(killed_at["evaluations"]) == 1
+    assert killed_at["pending_evaluation"]["train_iters"] == 8
+
+    result = run_script("charades", args)
+    assert result.returncode == 0, result.stderr
+    resumed, uninterrupted = (load_checkpoint_file(p / "checkpoint.pt") for p in (run, trained["charades"]))
+    for key in uninterrupted["model"]:
+        assert torch.equal(resumed["model"][key], uninterrupted["model"][key]), key
+    assert resumed["evaluations"] == uninterrupted["evaluations"] and resumed["pending_evaluation"] is None
+    def lines(folder: Path) -> list[dict]:  # every epoch logged once, with the same numbers but for the timings
+        timed = ("seconds", "clips_per_s", "data_wait", "shapes")
+        return [{k: v for k, v in json.loads(line).items() if not k.endswith(timed)}
+                for line in (folder / "log.jsonl").read_text().splitlines()]
+
+    assert lines(run) == lines(trained["charades"])
 
 
 def test_killed_run_resumes_to_identical_weights_and_whole_epoch_statistics(trained, data, tmp_path, signal_mid_epoch):
