@@ -156,6 +156,16 @@ def load_weights(path: os.PathLike | str) -> tuple[dict[str, torch.Tensor], str]
     return state, fmt
 
 
+def load_named_weights(path: os.PathLike | str) -> tuple[dict[str, torch.Tensor], str | None]:
+    """(state dict in this project's keys, the variant the file names: its model_cfg's, else its file name's, if any).
+
+    XS, S and M share every weight shape, so only the name tells them apart."""
+    ckpt, state, fmt = _read(path)
+    cfg = ckpt.get("model_cfg") if fmt == "project" and isinstance(ckpt.get("model_cfg"), dict) else {}
+    named = cfg.get("name") or _variant_in_filename(path)
+    return state, named if named in MODELS else None
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Key conversion
 # ----------------------------------------------------------------------------------------------------------------------

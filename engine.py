@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import depthwise_conv
 import utils
-from checkpoints import convert_checkpoint, finetune_summary, load_finetune, load_weights
+from checkpoints import convert_checkpoint, finetune_summary, load_finetune, load_named_weights
 from multigrid import MultigridSchedule, ShortCycleBatchSampler, mix_seeds
 from utils import Interrupted, get_rank, get_world_size, is_main_process
 from x3d import SubBatchNorm3d, build_model, default_input, fold_batchnorm, set_bn_splits, to_channels_last
@@ -155,7 +155,8 @@ def train_one_epoch(
 
         total_loss, stop = _agree(loss, should_stop)
         if not math.isfinite(total_loss):
-            raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at {label}, iteration {it} "
+            where = f" on at least one of {get_world_size()} processes" if get_world_size() > 1 else ""
+            raise NonFiniteLossError(f"non-finite loss ({total_loss}){where} at {label}, iteration {it} "
                                      f"(lr {lr:.4g}); stopping. The last checkpoint written is kept.")
         _update(model, loss, optimizer, scaler, clip_grad)
 
@@ -491,9 +492,13 @@ def make_model(args: argparse.Namespace, spec: dict, num_classes: int, head: str
     if args.eval:
         model.load_state_dict(state["model"])  # the clip and per-frame heads have the same weights
     elif args.finetune and state is None:
-        report = load_finetune(model, load_weights(args.finetune)[0], args.finetune)
+        weights, named = load_named_weights(args.finetune)
+        report = load_finetune(model, weights, args.finetune)
         if is_main_process():
             print(finetune_summary(report))
+            if named is not None and named != model.cfg.name:  # XS, S and M weights have the same shapes
+                print(f"warning: {args.finetune} holds {named} weights; they are fine-tuned as {model.cfg.name} "
+                      f"(--model), at its input size", file=sys.stderr)
     return to_channels_last(model.to(device))
 
 

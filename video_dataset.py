@@ -229,11 +229,12 @@ class VideoClipDataset(Dataset):
                     return self._sample_clip(spec)
                 except VideoReadError as error:
                     self.failures.record(spec.index, error)
+            failed = spec.index
             # The replacement depends on the seed only, so a resumed run draws the same one.
             generator = torch.Generator().manual_seed((spec.seed * 1000003 + attempt + 1) % 2**63)
             spec = spec._replace(index=_randint(0, self.num_videos - 1, generator),
                                  seed=_randint(0, 2**62, generator))
-        raise RuntimeError(f"{MAX_REPLACEMENTS} videos in a row failed to decode; e.g. {self.paths[spec.index]}")
+        raise RuntimeError(f"{MAX_REPLACEMENTS} videos in a row failed to decode; e.g. {self.paths[failed]}")
 
     def _sample_clip(self, spec: ClipSpec) -> tuple[torch.Tensor, Any]:
         generator = torch.Generator().manual_seed(spec.seed)

@@ -159,6 +159,9 @@ def test_finetune_prints_counts_and_refuses_another_variant(trained, data, tmp_p
     tensors = len(load_checkpoint_file(trained / "checkpoint.pt")["model"])
     assert (f"fine-tuning: loaded {tensors} tensors, missing 0 (kept their initialisation), unexpected 0 (ignored), "
             "shape mismatch 0" in out) and stats["train_iters"] == 16
+    recipe.main(parse(*flags(data, tmp_path / "s", "--model", "x3d_s", "--finetune", weights, "--multigrid", "none",
+                             "--epochs", "1", "--test-views", "0", "--precise-bn-batches", "0")))
+    assert f"warning: {weights} holds x3d_xs weights; they are fine-tuned as x3d_s" in capsys.readouterr().err
 
 
 def test_sigkill_mid_epoch_then_rerun_ends_with_identical_weights(trained, data, tmp_path, signal_mid_epoch):
