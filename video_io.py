@@ -22,9 +22,13 @@ make_demo_data.py write them) serves every process from its first clip of the vi
 `open_video` opens a file or folder once for its `info` and its frames: a training clip needs the length before it
 can choose its frames, and a second open would parse the header (and, for PyAV, probe the stream) again.
 
-Frame indices count frames in presentation order from 0. Out-of-range indices are clamped, and a file that ends
-before its reported length (truncated after its header, or with corrupt packets) is clamped to the frames that
-decode. Anything that cannot give a single frame raises `VideoReadError` naming the path and the problem.
+Frame indices count the frames a player shows, in presentation order from 0: an MP4 cut without re-encoding keeps
+the packets from the keyframe before the cut, and its edit list marks those before the cut as not shown; they are
+not counted. Out-of-range indices are clamped. A frame whose packet does not decode is replaced by the nearest
+earlier frame decoded. An MP4 that holds fewer frames than its header promises (a download cut short after its
+header) raises `VideoReadError` for frames past its end, naming the path and how many of the promised frames it
+holds, so that the datasets count it as a failed video and take another. Anything that cannot give a single frame
+raises `VideoReadError` naming the path and the problem.
 """
 
 import base64
@@ -235,12 +239,24 @@ class _PyAVVideo(Video):
         rate = self.stream.average_rate or self.stream.guessed_rate
         if not rate:
             raise VideoReadError(f"{self.path}: the video stream has no frame rate")
-        # mp4/avi headers store the frame count; webm/mkv do not, so their packets are counted (no decoding).
-        num_frames = self.stream.frames or len(self.packets())
+        num_frames = self.num_frames()
         if num_frames == 0:
             raise VideoReadError(f"{self.path}: the video stream has no frames")
         codec = self.stream.codec_context
         return VideoInfo(num_frames, float(rate), codec.height, codec.width)
+
+    def num_frames(self) -> int:
+        """The frames the video shows: its packets not marked discard, or as many as an MP4 header promises.
+
+        An MP4 header counts the frames its edit list trims off too; less those, its count is what the file should
+        hold, more than the packets demuxed when the file was cut short. Other containers' counts are not used: an AVI
+        header's counts the empty chunks of dropped frames, which are no packets; webm/mkv headers have none.
+        """
+        packets = self.packets()
+        shown = sum(not p.is_discard for p in packets)
+        if self.container.format.name != _MP4_DEMUXER:
+            return shown
+        return max(shown, self.stream.frames - (len(packets) - shown))
 
     def packets(self) -> list[av.Packet]:
         """All packets of the stream in decode order (demuxed once); a read error ends the list."""
@@ -266,16 +282,26 @@ class _PyAVVideo(Video):
             indices = [max(i, 0) for i in indices]
             decoded = _decode_in_order(codec, packets, sorted(set(indices)))
         else:
-            indices = _clamp(indices, len(timestamps))
+            num_frames = self.num_frames()
+            indices = _clamp(indices, num_frames)
+            _check_within_file(self.path, indices, len(timestamps), num_frames)
             keyframes = [i for i, p in enumerate(packets) if p.is_keyframe]
             decoded = _decode_indexed(codec, [p.pts for p in packets], keyframes, packets.__getitem__,
                                       sorted(timestamps), sorted(set(indices)))
             if decoded and self.version is not None:
                 _remember_packets(self)
                 self.version = None  # once per open
-        if not decoded:
+        if len(decoded) < len(set(indices)):  # nothing decoded at or around a requested frame
             raise VideoReadError(f"{self.path}: no frame could be decoded")
         return _stack_hwc(self.path, [decoded[i] for i in indices])
+
+
+def _check_within_file(path: str, indices: list[int], held: int, promised: int) -> None:
+    """Raise `VideoReadError` where `indices` reach past the `held` frames of a file whose header promises more: the
+    file was cut short, and its clips would repeat its last frame; the datasets count such a video and take another."""
+    if max(indices) >= held:
+        raise VideoReadError(f"{path}: the file ends early: it holds {held} of the {promised} frames its header "
+                             f"promises (cut short after its header?), and frame {max(indices)} was asked for")
 
 
 # A process keeps the packet index of each MP4/MOV file it has read, up to this many packets in all (29 bytes each:
@@ -459,7 +485,8 @@ class _IndexedVideo(Video):
     def _read(self, indices: list[int], min_short_side: int | None) -> torch.Tensor:
         index = self.index
         pos, size, pts, dts, keyframe = (index.packets[field].tolist() for field in _PACKET_FIELDS.names)
-        indices = _clamp(indices, len(pts))
+        indices = _clamp(indices, index.info.num_frames)
+        _check_within_file(self.path, indices, len(pts), index.info.num_frames)  # none discarded (_index_packets)
         try:
             codec = av.CodecContext.create(index.codec_name, "r")
             for name, value in index.parameters.items():
@@ -519,12 +546,17 @@ def _decode_indexed(
 
     `pts` and `keyframes` describe the stream's packets in decode order (their timestamps, the positions of the
     keyframes), `packet_at(i)` gives packet i, and `timestamps` are the shown frames' timestamps, sorted.
+    A decoder gives its frames in presentation order (one that comes too late is dropped), so a target that has not
+    come out once a later frame does, or once the stream ends, never will (its packet is corrupt): the nearest earlier
+    frame the decoder gave stands in for it, or, where decoding started after that frame, the later one. A target
+    is left out only where no frame decoded around it.
     """
     wanted = {timestamps[t]: t for t in targets}
     position_of = {p: i for i, p in enumerate(pts)}
     skip_unwanted = codec.name in _PER_FRAME_SKIP_DECODERS
     decoded: dict[int, np.ndarray] = {}
-    last = None
+    previous = None  # the frame the decoder gave last since it started at a keyframe
+    done = 0  # targets[:done] are decoded or stood in for
     position = 0  # next packet to send, in decode order; len(pts) sends the drain
     for t in targets:
         if t in decoded:
@@ -532,18 +564,23 @@ def _decode_indexed(
         start = _gop_start(pts, keyframes, position_of[timestamps[t]], timestamps[t])
         if start > position:  # the target's GOP lies ahead: drop the decoder's state and jump to it
             codec.flush_buffers()
-            position = start
+            position, previous = start, None
         while t not in decoded and position <= len(pts):
             packet = packet_at(position) if position < len(pts) else None
             if skip_unwanted:  # frames no other frame refers to are decoded only when asked for
                 codec.skip_frame = "DEFAULT" if packet is None or packet.pts in wanted else "NONREF"
             for frame in _decode_packet(codec, packet):
-                last = frame
                 if frame.pts in wanted:
                     decoded[wanted[frame.pts]] = _rgb(frame)
+                # Targets shown before this frame that did not come out will not.
+                while done < len(targets) and timestamps[targets[done]] <= frame.pts:
+                    if targets[done] not in decoded:
+                        decoded[targets[done]] = _rgb(previous if previous is not None else frame)
+                    done += 1
+                previous = frame
             position += 1
-        if t not in decoded and last is not None:  # corrupt data: stand in the frame decoded last
-            decoded[t] = _rgb(last)
+        if t not in decoded and previous is not None:  # the stream ended before it: the frame decoded last
+            decoded[t] = _rgb(previous)
     return decoded
 
 
@@ -592,7 +629,8 @@ def _torchcodec_decoder(path: str):
 
 
 # torchcodec fails a whole request when one packet is bad. Its frames are bit-identical to PyAV's (tests check
-# this), so such files go to the PyAV reader, which clamps to the frames that decode or names the problem.
+# this), so such files go to the PyAV reader, which stands in a nearby frame for one that does not decode or names
+# the problem.
 _TORCHCODEC_ERRORS = (RuntimeError, ValueError, IndexError)
 
 
@@ -617,14 +655,16 @@ class _TorchcodecVideo(Video):
             self._pyav.close()
 
     def _info(self) -> VideoInfo:
-        if not self.num_frames:
+        # torchcodec counts the frames shown. Fewer than the header's: the PyAV reader tells frames an MP4 edit list
+        # trims off from a file cut short after its header, whose frames past its end it refuses.
+        if not self.num_frames or (self.decoder.metadata.num_frames_from_header or 0) > self.num_frames:
             return self.fallback().info
         metadata = self.decoder.metadata
         fps = metadata.average_fps_from_header or metadata.average_fps  # the header's rate, as PyAV reports it
         return VideoInfo(self.num_frames, float(fps), metadata.height, metadata.width)
 
     def _read(self, indices: list[int], min_short_side: int | None) -> torch.Tensor:
-        if self.num_frames:
+        if self.num_frames and self.info.num_frames == self.num_frames:  # else the file was cut short (_info)
             try:
                 frames = self.decoder.get_frames_at(_clamp(indices, self.num_frames)).data  # (T, H, W, C)
                 return frames.permute(0, 3, 1, 2)  # (T, H, W, C) -> (T, C, H, W)

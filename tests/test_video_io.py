@@ -32,12 +32,17 @@ def frame_ids(clip: torch.Tensor) -> list[int]:
     return [round((float(level) - 16) / 7) for level in clip.float().mean(dim=(1, 2, 3))]
 
 
-def write_video(path, num_frames=NUM_FRAMES, gop=5, codec="libx264", options=None) -> str:
-    """A small video whose frame i is frame_pixels(i); x264 puts B-frames between the keyframes every `gop`."""
+def write_video(path, num_frames=NUM_FRAMES, gop=5, codec="libx264", options=None, codec_options=None) -> str:
+    """A small video whose frame i is frame_pixels(i); x264 puts B-frames between the keyframes every `gop`.
+
+    `options` go to the container (muxer), `codec_options` to the encoder.
+    """
     with av.open(str(path), "w", options=options or {}) as container:
         stream = container.add_stream(codec, rate=30)
         stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
         stream.codec_context.gop_size = gop
+        if codec_options:
+            stream.options = codec_options
         for i in range(num_frames):
             frame = av.VideoFrame.from_ndarray(frame_pixels(i), format="rgb24")
             for packet in stream.encode(frame):
@@ -236,16 +241,66 @@ def test_stream_without_timestamps(tmp_path):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_file_shorter_than_its_header_is_clamped(tmp_path, backend):
-    """Header at the front, data cut short: the reported count is wrong, the frames returned are still valid."""
+def test_file_cut_short_after_its_header_fails_past_its_end(tmp_path, backend):
+    """Header at the front, data cut short (a download cut off): the frames it holds are read, frames past its end
+    raise VideoReadError saying how many of the header's frames it holds, through the index as through the demuxer."""
     path = write_video(tmp_path / "full.mp4", options={"movflags": "faststart"})
     data = open_bytes(path)
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(data[: int(len(data) * 0.8)])
-    assert 10 < probe(cut, backend=backend).num_frames <= NUM_FRAMES  # PyAV: the header's 30; torchcodec counts
-    ids = frame_ids(read_frames(cut, [0, 10, 29], backend=backend))
-    assert ids[:2] == [0, 10]
-    assert 10 < ids[2] < 29  # the last frame that decodes
+    assert probe(cut, backend=backend).num_frames == NUM_FRAMES  # the header's promise, with either backend
+    for attempt in range(3):  # the demuxer, then the index this process made, then the index file
+        if attempt == 2:
+            assert video_io.write_packet_index(cut)
+            video_io._forget_packet_index(str(cut))
+        assert frame_ids(read_frames(cut, [0, 10], backend=backend)) == [0, 10]
+        for indices in ([0, 10, 29], [100]):  # past its end, and clamped to past its end
+            with pytest.raises(VideoReadError, match=rf"{cut}: .*holds \d+ of the {NUM_FRAMES} frames"):
+                read_frames(cut, indices, backend=backend)
+
+
+def test_trimmed_mp4_counts_the_frames_it_shows(tmp_path):
+    """An MP4 cut without re-encoding keeps the packets from the keyframe before the cut, and its edit list marks
+    those before the cut as not shown: both backends count, and read, only the frames shown."""
+    source = write_video(tmp_path / "source.mp4", gop=NUM_FRAMES)  # one keyframe, at frame 0
+    cut = str(tmp_path / "cut.mp4")
+    with av.open(source) as original, av.open(cut, "w") as trimmed:
+        stream = original.streams.video[0]
+        out = trimmed.add_stream_from_template(stream)
+        shift = 10 * round(1 / (30 * stream.time_base))  # the cut at frame 10 becomes time 0
+        for packet in original.demux(stream):
+            if packet.size:
+                packet.pts, packet.dts, packet.stream = packet.pts - shift, packet.dts - shift, out
+                trimmed.mux(packet)
+    with av.open(cut) as container:
+        assert sum(p.is_discard for p in container.demux(video=0)) == 10
+    for backend in video_io.available_backends():
+        for _ in range(2):  # the first open demuxes; a second one may use a packet index
+            with video_io.open_video(cut, backend) as opened:
+                assert opened.info.num_frames == NUM_FRAMES - 10
+                assert frame_ids(opened.read(range(NUM_FRAMES - 10))) == list(range(10, NUM_FRAMES))
+                assert frame_ids(opened.read([25, -1])) == [NUM_FRAMES - 1, 10]
+
+
+def test_corrupt_frame_stands_in_the_nearest_earlier_frame(tmp_path, monkeypatch):
+    """A frame whose packet does not decode is replaced by the frame before it, and decoding stops once a later frame
+    comes out, through the demuxer as through the packet index."""
+    path = write_video(tmp_path / "clip.mp4", gop=NUM_FRAMES, codec_options={"x264-params": "bframes=0"})
+    with av.open(path) as container:
+        packet = [p for p in container.demux(video=0) if p.size][20]
+    with open(path, "r+b") as file:  # frame 20's packet zeroed in place
+        file.seek(packet.pos)
+        file.write(bytes(packet.size))
+    sent = []
+    decode_packet = video_io._decode_packet
+    monkeypatch.setattr(video_io, "_decode_packet", lambda codec, p: sent.append(p) or decode_packet(codec, p))
+    for opened_as in (video_io._PyAVVideo, video_io._IndexedVideo):
+        sent.clear()
+        with video_io.open_video(path) as opened:
+            assert isinstance(opened, opened_as)
+            clip = opened.read([18, 19, 20])
+        assert torch.equal(clip[2], clip[1]) and frame_ids(clip[:2]) == [18, 19]
+        assert len(sent) < NUM_FRAMES  # the decoder is not run to the end of the video
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
