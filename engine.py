@@ -657,8 +657,8 @@ def check_resumable(state: dict, source: Path | None, iteration: int, world: int
     epoch = int(state.get("epoch", 0))
     if not utils.same_on_all_ranks([epoch, iteration]):
         raise utils.CheckpointError(
-                f"the processes loaded different checkpoints ({source} on rank {utils.get_rank()} is at epoch "
-                f"{epoch + 1}, iteration {iteration}): is the run folder on storage every machine sees?")
+            f"the processes loaded different checkpoints ({source} on rank {utils.get_rank()} is at epoch "
+            f"{epoch + 1}, iteration {iteration}): is the run folder on storage every machine sees?")
     changes = [f"{what} {now} (the checkpoint has {saved})" for what, now, saved in (
         ("processes", world, state.get("world_size", world)),
         ("training videos", num_samples, state.get("num_train_samples", num_samples))) if now != saved]
