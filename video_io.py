@@ -5,7 +5,13 @@ Inputs
   FFmpeg shared libraries, libavcodec & co.);
 - folders of JPEG frames: the original repo's `frame_00001.jpg` and Charades' `<id>-000001.jpg` (any name that ends
   in a frame number), decoded with Pillow's libjpeg-turbo. When the caller needs a short side at most half the
-  frame's, they decode at 1/2, 1/4 or 1/8 size (DCT scaling).
+  frame's, they decode at 1/2, 1/4 or 1/8 size (DCT scaling). A folder's frames are its files of the naming pattern
+  most of them share (a stray `cover_2.jpg` is not a frame), and frame i is the one numbered i after the lowest:
+  per-frame labels (Charades) count frames by their numbers. A number missing from the folder is read as the frame
+  before it, with a warning naming the folder and how many numbers are missing (once per folder and process).
+
+torchcodec reads MP4/MOV and Matroska/WebM files (known by their first bytes); the PyAV reader takes the others (in
+an MPEG-TS file with B-frames, torchcodec returns other frames than those asked for, without an error).
 
 How PyAV reads sparse frames: the packets are demuxed first (no decoding), which gives the exact frame count, every
 frame's timestamp and the keyframes. Then only the GOPs that hold a requested frame are decoded, jumping over the
@@ -13,14 +19,23 @@ others, and frames no other frame refers to are skipped unless requested (where 
 H.264, HEVC, MPEG-2/4, VP8/9). This beats one decoding pass, a seek per frame, and torchcodec, which jumps over GOPs
 too but decodes every frame inside them, at every clip shape measured (benchmarks/README.md, bench_data.py), so
 "auto" is PyAV. A process keeps what the demuxer found in an MP4 (`_PacketIndex`: the packets' offsets, sizes,
-timestamps and keyframes, and the decoder's parameters, about 30 bytes a packet, up to `PACKET_INDEX_BUDGET` packets),
-and reads the file again without a demuxer: a bare decoder and just the packets it decodes (`_IndexedVideo`). The
-training loader's workers last for the whole run, so this pays from a worker's second clip of a video. An index
+timestamps and keyframes, the decoder's parameters and the display matrix, which a bare decoder does not see, about
+30 bytes a packet, up to `PACKET_INDEX_BUDGET` packets), and reads the file again without a demuxer: a bare decoder
+and just the packets it decodes (`_IndexedVideo`). The training loader's workers last for the whole run, so this
+pays from a worker's second clip of a video. An index
 written beside the video (`write_packet_index`, `<video>.packets`; tools/index_videos.py, prepare_kinetics.py and
 make_demo_data.py write them) serves every process from its first clip of the video on.
 
 `open_video` opens a file or folder once for its `info` and its frames: a training clip needs the length before it
 can choose its frames, and a second open would parse the header (and, for PyAV, probe the stream) again.
+
+Frames come out as a player shows them: a container's display matrix (a phone video's rotation, or a mirroring; MP4/MOV
+and Matroska carry one) is applied, and `VideoInfo` gives the height and width after it. torchcodec turns frames by
+quarter turns only, so MP4/MOV files whose matrix mirrors go to the PyAV reader (a mirroring Matroska file, rare, and
+known only from a decoded frame, is read by torchcodec as a half turn). A video's fps is its average frame rate as
+FFmpeg derives it from the header (PyAV's `average_rate`) with either backend: torchcodec reports the rate of the
+timestamps instead, the same for a constant-rate video only, so where it is not the frames' average rate (a
+variable-rate video) the info comes from PyAV.
 
 Frame indices count the frames a player shows, in presentation order from 0: an MP4 cut without re-encoding keeps
 the packets from the keyframe before the cut, and its edit list marks those before the cut as not shown; they are
@@ -36,12 +51,14 @@ import bisect
 import contextlib
 import functools
 import json
+import logging
 import os
 import re
+import struct
 import sys
 import warnings
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
 from typing import NamedTuple
 
@@ -57,6 +74,7 @@ _PER_FRAME_SKIP_DECODERS = frozenset({"h264", "hevc", "mpeg1video", "mpeg2video"
 _FRAME_FILE = re.compile(r"(\d+)\.jpe?g$", re.IGNORECASE)
 
 PathLike = str | os.PathLike
+log = logging.getLogger(__name__)
 
 
 class VideoReadError(Exception):
@@ -94,7 +112,7 @@ def open_video(path: PathLike, backend: str = "auto", *, fps: float = 30.0) -> "
     if os.path.isdir(path):
         return _FrameFolder(path, fps)
     status = _check_file(path)
-    if _resolve_backend(backend) == "torchcodec":
+    if _resolve_backend(backend) == "torchcodec" and _torchcodec_reads(path):
         return _TorchcodecVideo(path)
     version = (status.st_size, status.st_mtime_ns)  # a file changed on disk is read afresh
     index = _packet_indexes.get(path)
@@ -191,12 +209,125 @@ def _clamp(indices: list[int], num_frames: int) -> list[int]:
     return [min(max(i, 0), num_frames - 1) for i in indices]
 
 
-def _stack_hwc(path: str, frames: list[np.ndarray]) -> torch.Tensor:
-    """(H, W, C) arrays -> uint8 (T, C, H, W); the memory stays channels-last, which resizes fastest."""
+def _stack_hwc(path: str, frames: list[np.ndarray], orientation: "_Orientation | None" = None) -> torch.Tensor:
+    """(H, W, C) arrays, turned upright as `orientation` says, -> uint8 (T, C, H, W); the memory stays channels-last,
+    which resizes fastest."""
+    if orientation is not None:
+        frames = [_upright(f, orientation) for f in frames]  # views: np.stack makes the one copy
     shapes = {f.shape for f in frames}
     if len(shapes) > 1:
         raise VideoReadError(f"{path}: frames have different sizes {sorted(shapes)}")
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)  # (T, H, W, C) -> (T, C, H, W)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Display matrix: how a decoded frame is turned to be shown upright
+# ----------------------------------------------------------------------------------------------------------------
+
+_MATROSKA_DEMUXER = "matroska,webm"
+_IDENTITY_MATRIX = (1 << 16, 0, 0, 0, 1 << 16, 0, 0, 0, 1 << 30)  # 16.16 fixed point, but 2.30 in the last column
+
+
+class _Orientation(NamedTuple):
+    """How to turn a decoded (H, W, C) frame upright: swap its rows and columns, then reverse its rows, its columns."""
+
+    transpose: bool
+    flip_rows: bool
+    flip_cols: bool
+
+
+def _orientation(matrix: Sequence[int] | None) -> _Orientation | None:
+    """The turn a display matrix asks for (FFmpeg's layout: [a b u; c d v; x y w] row by row), rounded to a quarter
+    turn, with its mirroring; None where the frame is shown as decoded.
+
+    The matrix shows a source pixel (x, y) at (a x + c y, b x + d y): rows and columns swap where b and c outweigh a
+    and d, and a negative factor reverses the rows or the columns it gives. This is how FFmpeg's command line turns
+    frames (transpose, hflip, vflip). Scaling (non-square pixels) and translation do not turn a frame.
+    """
+    if matrix is None:
+        return None
+    a, b, _, c, d = matrix[:5]
+    transpose = abs(b) + abs(c) > abs(a) + abs(d)
+    rows, cols = (b, c) if transpose else (d, a)
+    return _Orientation(transpose, rows < 0, cols < 0) if transpose or rows < 0 or cols < 0 else None
+
+
+def _upright(frame: np.ndarray, orientation: _Orientation) -> np.ndarray:
+    """An (H, W, C) frame turned as `orientation` says (a view of it)."""
+    if orientation.transpose:
+        frame = frame.transpose(1, 0, 2)
+    if orientation.flip_rows:
+        frame = frame[::-1]
+    if orientation.flip_cols:
+        frame = frame[:, ::-1]
+    return frame
+
+
+def _mp4_display_matrix(path: str) -> tuple[int, ...] | None:
+    """The display matrix FFmpeg's MP4/MOV demuxer gives the file's first video track, read from its header; None
+    where there is none (or the header does not parse, which fails the demuxer too).
+
+    PyAV gives a stream's display matrix only with the frames it decodes, and a bare decoder's frames lack it, so it is
+    read here: FFmpeg multiplies the track header's (tkhd) matrix by the movie header's (mvhd) and keeps the product
+    unless it is the identity. The header is in the page cache after the demuxer's read; this reads a few of its boxes.
+    """
+    try:
+        with open(path, "rb") as file:
+            fd, offset, file_size = file.fileno(), 0, os.fstat(file.fileno()).st_size
+            while offset + 8 <= file_size:  # the top-level boxes: ftyp, mdat, moov, ... in any order
+                kind, payload, end = _box_header(os.pread(fd, 16, offset), 0, file_size - offset)
+                if kind == b"moov":
+                    moov = os.pread(fd, end - payload, offset + payload)
+                    break
+                offset += end
+            else:
+                return None
+        movie = _IDENTITY_MATRIX
+        for kind, start, end in _boxes(moov, 0, len(moov)):
+            if kind == b"mvhd":  # its matrix follows 36 bytes of times and settings (48 in version 1)
+                movie = struct.unpack_from(">9i", moov, start + (48 if moov[start] == 1 else 36))
+            elif kind == b"trak":
+                track, video = _IDENTITY_MATRIX, False
+                for child, child_start, child_end in _boxes(moov, start, end):
+                    if child == b"tkhd":  # its matrix follows 40 bytes (52 in version 1)
+                        track = struct.unpack_from(">9i", moov, child_start + (52 if moov[child_start] == 1 else 40))
+                    elif child == b"mdia":  # the media handler says what the track holds
+                        video |= any(k == b"hdlr" and moov[s + 8:s + 12] in (b"vide", b"auxv")
+                                     for k, s, _ in _boxes(moov, child_start, child_end))
+                if video:
+                    shifts = (16, 16, 30)  # fixed-point products, as FFmpeg rounds them
+                    matrix = tuple(sum(track[3 * i + e] * movie[3 * e + j] >> shifts[e] for e in range(3))
+                                   for i in range(3) for j in range(3))
+                    return None if matrix == _IDENTITY_MATRIX else matrix
+    except (OSError, struct.error, ValueError, IndexError):
+        pass
+    return None
+
+
+def _box_header(data: bytes, at: int, end: int) -> tuple[bytes, int, int]:
+    """(type, where its payload starts, where it ends) of the ISO-BMFF box at data[at:], which may reach to `end`."""
+    size, kind = struct.unpack_from(">I4s", data, at)
+    header = 8
+    if size == 1:  # a 64-bit size follows the type
+        size, header = struct.unpack_from(">Q", data, at + 8)[0], 16
+    elif size == 0:  # the box reaches to the end
+        size = end - at
+    if size < header:
+        raise ValueError(f"a box of {size} bytes")
+    return kind, at + header, at + size
+
+
+def _boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+    """(type, payload start, end) of each box in data[start:end]."""
+    while start + 8 <= end:
+        kind, payload, box_end = _box_header(data, start, end)
+        yield kind, payload, min(box_end, end)
+        start = box_end
+
+
+def _frame_display_matrix(frame: av.VideoFrame) -> tuple[int, ...] | None:
+    side_data = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)
+    return struct.unpack("=9i", bytes(side_data)) if side_data is not None else None  # native-endian int32s
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -243,7 +374,31 @@ class _PyAVVideo(Video):
         if num_frames == 0:
             raise VideoReadError(f"{self.path}: the video stream has no frames")
         codec = self.stream.codec_context
+        orientation = _orientation(self.display_matrix)
+        if orientation is not None and orientation.transpose:  # shown a quarter turn from how it is stored
+            return VideoInfo(num_frames, float(rate), codec.width, codec.height)
         return VideoInfo(num_frames, float(rate), codec.height, codec.width)
+
+    @functools.cached_property
+    def display_matrix(self) -> tuple[int, ...] | None:
+        """The stream's display matrix, or None.
+
+        An MP4/MOV file's is read from its header (`_mp4_display_matrix`). PyAV gives a Matroska file's only with a
+        decoded frame, so its first frame is decoded for it; the other containers carry none.
+        """
+        name = self.container.format.name
+        if name == _MP4_DEMUXER:
+            return _mp4_display_matrix(self.path)
+        if name != _MATROSKA_DEMUXER:
+            return None
+        codec = self.stream.codec_context
+        codec.flush_buffers()
+        for packet in [*self.packets(), None]:
+            frames = _decode_packet(codec, packet)
+            if frames:
+                codec.flush_buffers()
+                return _frame_display_matrix(frames[0])
+        return None
 
     def num_frames(self) -> int:
         """The frames the video shows: its packets not marked discard, or as many as an MP4 header promises.
@@ -293,7 +448,7 @@ class _PyAVVideo(Video):
                 self.version = None  # once per open
         if len(decoded) < len(set(indices)):  # nothing decoded at or around a requested frame
             raise VideoReadError(f"{self.path}: no frame could be decoded")
-        return _stack_hwc(self.path, [decoded[i] for i in indices])
+        return _stack_hwc(self.path, [decoded[i] for i in indices], _orientation(self.display_matrix))
 
 
 def _check_within_file(path: str, indices: list[int], held: int, promised: int) -> None:
@@ -321,6 +476,7 @@ class _PacketIndex(NamedTuple):
     parameters: dict
     time_base: Fraction
     packets: np.ndarray  # _PACKET_FIELDS, one row per packet in decode order
+    display_matrix: tuple[int, ...] | None  # the container's, which the bare decoder's frames lack
 
 
 _packet_indexes: dict[str, _PacketIndex] = {}  # by path
@@ -345,7 +501,8 @@ def _index_packets(video: _PyAVVideo) -> _PacketIndex | None:
         return None
     codec = video.stream.codec_context
     parameters = {name: getattr(codec, name) for name in _DECODER_PARAMETERS}
-    return _PacketIndex(video.version, video.info, codec.name, parameters, video.stream.time_base, table)
+    return _PacketIndex(video.version, video.info, codec.name, parameters, video.stream.time_base, table,
+                        video.display_matrix)
 
 
 def _end_packets(path: str, table: np.ndarray) -> list[bytes]:
@@ -382,9 +539,11 @@ def _forget_packet_index(path: str) -> None:
 
 # A packet index written beside its video (`write_packet_index`) serves every process's first read of the file: an
 # ASCII magic line, one JSON line (the video's size and the CRC-32 of its first and last packet, to tell a changed
-# file; VideoInfo; the decoder's name and parameters; the time base; the packet count), then the packet table.
+# file; VideoInfo; the decoder's name and parameters; the time base; the packet count; the display matrix), then the
+# packet table. Format 1 had no display matrix: such a file is right for a video without one, and is used for it.
 PACKET_INDEX_SUFFIX = ".packets"
-_INDEX_MAGIC = b"X3D packet index 1\n"
+_INDEX_MAGIC = b"X3D packet index 2\n"
+_INDEX_MAGIC_1 = b"X3D packet index 1\n"
 _warned_about_index_files = False
 
 
@@ -413,7 +572,8 @@ def write_packet_index(path: PathLike) -> bool:
         parameters["extradata"] = base64.b64encode(parameters["extradata"]).decode("ascii")
     header = {"video_bytes": index.version[0], "end_crc32": end_crc32, "info": list(index.info),
               "codec": index.codec_name, "parameters": parameters,
-              "time_base": [index.time_base.numerator, index.time_base.denominator], "packets": len(index.packets)}
+              "time_base": [index.time_base.numerator, index.time_base.denominator], "packets": len(index.packets),
+              "display_matrix": index.display_matrix}
     temporary = f"{target}.{os.getpid()}.tmp"
     with open(temporary, "wb") as file:
         file.write(_INDEX_MAGIC + json.dumps(header).encode("ascii") + b"\n" + index.packets.tobytes())
@@ -432,7 +592,8 @@ def _load_packet_index(path: str, version: tuple[int, int]) -> _PacketIndex | No
     except OSError as error:
         return _ignore_index_file(index_file, f"cannot be read ({error.strerror})")
     try:
-        if not data.startswith(_INDEX_MAGIC):
+        magic = data[:len(_INDEX_MAGIC)]
+        if magic not in (_INDEX_MAGIC, _INDEX_MAGIC_1):
             raise ValueError("no packet index header")
         end = data.index(b"\n", len(_INDEX_MAGIC))
         header = json.loads(data[len(_INDEX_MAGIC):end])
@@ -443,8 +604,16 @@ def _load_packet_index(path: str, version: tuple[int, int]) -> _PacketIndex | No
         if parameters["extradata"] is not None:
             parameters["extradata"] = base64.b64decode(parameters["extradata"])
         num_frames, fps, height, width = header["info"]
+        if magic == _INDEX_MAGIC:
+            matrix = header["display_matrix"]
+            if matrix is not None:
+                matrix = tuple(int(value) for value in matrix)
+                if len(matrix) != 9:
+                    raise ValueError(f"a display matrix of {len(matrix)} numbers")
+        elif (matrix := _mp4_display_matrix(path)) is not None:  # format 1 read its frames and size unturned
+            return _ignore_index_file(index_file, "was written without the video's display matrix (an older format)")
         index = _PacketIndex(version, VideoInfo(int(num_frames), float(fps), int(height), int(width)),
-                             str(header["codec"]), parameters, Fraction(*header["time_base"]), table)
+                             str(header["codec"]), parameters, Fraction(*header["time_base"]), table, matrix)
         if header["video_bytes"] != version[0] or header["end_crc32"] != [
                 zlib.crc32(b) for b in _end_packets(path, table)]:
             return _ignore_index_file(index_file, "does not match its video (the video changed after it was indexed)")
@@ -469,9 +638,9 @@ class _IndexedVideo(Video):
     Opening a file with FFmpeg probes its streams (decoding a little to learn their format) and demuxing reads every
     packet's header: a fixed cost per clip, a large part of a short clip of a small video (the demo's coarse
     multigrid shapes; benchmarks/README.md), a small one of a Kinetics clip. A file read once leaves its index
-    (`_remember_packets`: each packet's offset, size, timestamps and keyframe flag, and the decoder's parameters), so
-    a later read opens a bare decoder and reads from the file just the packets it decodes. The index can also come
-    from a file beside the video (`write_packet_index`), for a process's first read.
+    (`_remember_packets`: each packet's offset, size, timestamps and keyframe flag, the decoder's parameters and the
+    display matrix), so a later read opens a bare decoder and reads from the file just the packets it decodes. The
+    index can also come from a file beside the video (`write_packet_index`), for a process's first read.
     Should the index not decode, it is dropped and the file is read through the demuxer.
     """
 
@@ -487,6 +656,7 @@ class _IndexedVideo(Video):
         pos, size, pts, dts, keyframe = (index.packets[field].tolist() for field in _PACKET_FIELDS.names)
         indices = _clamp(indices, index.info.num_frames)
         _check_within_file(self.path, indices, len(pts), index.info.num_frames)  # none discarded (_index_packets)
+        orientation = _orientation(index.display_matrix)
         try:
             codec = av.CodecContext.create(index.codec_name, "r")
             for name, value in index.parameters.items():
@@ -508,7 +678,7 @@ class _IndexedVideo(Video):
         if len(decoded) < len(set(indices)):  # the file no longer matches its index: read it through the demuxer
             with _PyAVVideo(self.path, index.version) as video:  # which drops the index, or makes a new one
                 return video.read(indices, min_short_side=min_short_side)
-        return _stack_hwc(self.path, [decoded[i] for i in indices])
+        return _stack_hwc(self.path, [decoded[i] for i in indices], orientation)
 
 
 def _decode_packet(codec: av.CodecContext, packet: av.Packet | None) -> list[av.VideoFrame]:
@@ -628,6 +798,28 @@ def _torchcodec_decoder(path: str):
     return VideoDecoder(path, seek_mode="exact", num_ffmpeg_threads=1, dimension_order="NHWC")
 
 
+# The containers torchcodec reads right, told by their first bytes: ISO-BMFF (MP4/MOV; a box type at byte 4) and EBML
+# (Matroska/WebM). In an MPEG-TS file with B-frames it returns other frames than those asked for, without an error.
+_ISO_BOX_TYPES = (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide")
+_EBML_MAGIC = b"\x1a\x45\xdf\xa3"
+
+
+def _torchcodec_reads(path: str) -> bool:
+    """Whether torchcodec reads `path` as the PyAV reader does: a Matroska/WebM file, or an MP4/MOV file whose display
+    matrix does not mirror (torchcodec turns frames by its rotation only). The others go to the PyAV reader."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(8)
+    except OSError:
+        return False  # the PyAV reader names the problem
+    if head[:4] == _EBML_MAGIC:
+        return True
+    if head[4:8] not in _ISO_BOX_TYPES:
+        return False
+    orientation = _orientation(_mp4_display_matrix(path))
+    return orientation is None or sum(orientation) % 2 == 0  # an odd number of reversals and swaps mirrors
+
+
 # torchcodec fails a whole request when one packet is bad. Its frames are bit-identical to PyAV's (tests check
 # this), so such files go to the PyAV reader, which stands in a nearby frame for one that does not decode or names
 # the problem.
@@ -660,7 +852,12 @@ class _TorchcodecVideo(Video):
         if not self.num_frames or (self.decoder.metadata.num_frames_from_header or 0) > self.num_frames:
             return self.fallback().info
         metadata = self.decoder.metadata
-        fps = metadata.average_fps_from_header or metadata.average_fps  # the header's rate, as PyAV reports it
+        # "average_fps_from_header" is FFmpeg's r_frame_rate, the rate of the timestamps. PyAV reports the average
+        # rate (frames over duration), which torchcodec does not give; the two are the same where the timestamps
+        # step evenly, and torchcodec's count over its span of timestamps (`average_fps`) tells that they do.
+        fps, average = metadata.average_fps_from_header, metadata.average_fps
+        if not fps or not average or abs(fps - average) > 0.01 * average:  # a variable frame rate
+            return self.fallback().info
         return VideoInfo(self.num_frames, float(fps), metadata.height, metadata.width)
 
     def _read(self, indices: list[int], min_short_side: int | None) -> torch.Tensor:
@@ -698,31 +895,74 @@ class _NumberedNames(Sequence):
         return f"{self.prefix}{self.first + index % self.count:0{self.width}d}{self.suffix}"
 
 
+class _FilledNames(Sequence):
+    """The names of frames `numbers[0]`, `numbers[0] + 1`, ... up to the last of `numbers`, where a number without a
+    file (not in `numbers`) takes the name of the nearest number below it: a frame folder with gaps in its numbering,
+    kept in the memory of its files however long the gaps."""
+
+    __slots__ = ("numbers", "names", "count")
+
+    def __init__(self, numbers: list[int], names: list[str]) -> None:
+        self.numbers, self.names = numbers, names  # sorted numbers and their files' names
+        self.count = numbers[-1] - numbers[0] + 1
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> str:  # int indices only
+        if not -self.count <= index < self.count:
+            raise IndexError(index)
+        return self.names[bisect.bisect_right(self.numbers, self.numbers[0] + index % self.count) - 1]
+
+
 _FRAME_NAMES: dict[str, Sequence[str]] = {}  # folder -> its frames' names, listed once per process
 
 
 def _frame_files(folder: str) -> Sequence[str]:
-    """Names of a frame folder's JPEG files ordered by their frame number (join with the folder), listed once per
-    process: a training process reads each folder many times, and listing and sorting a folder costs more than
-    decoding a small frame. A folder is taken not to change during a run (a frame removed later fails its read,
-    which names the file). The usual contiguous numbering is kept as its pattern, other folders as their names."""
+    """Names of a frame folder's frames, frame i at index i (join with the folder), listed once per process: a training
+    process reads each folder many times, and listing and sorting a folder costs more than decoding a small frame.
+
+    Frame i is the file numbered i after the folder's lowest number, so that per-frame labels, which count frames by
+    their numbers, stay aligned where a number has no file: such a frame is read as the one before it, and a warning
+    names the folder and how many numbers are missing. A folder is taken not to change during a run (a frame removed
+    later fails its read, which names the file). The usual consecutive numbering is kept as its pattern.
+    """
     names = _FRAME_NAMES.get(folder)
     if names is None:
-        names = _FRAME_NAMES[folder] = _compact(_list_frame_files(folder))
+        by_number = _list_frame_files(folder)
+        numbers = list(by_number)
+        missing = numbers[-1] - numbers[0] + 1 - len(numbers)
+        if missing:
+            log.warning("%s: %d of the frame numbers %d to %d have no file; each is read as the frame before it",
+                        folder, missing, numbers[0], numbers[-1])
+            names = _FilledNames(numbers, list(by_number.values()))
+        else:
+            names = _compact(list(by_number.values()))
+        _FRAME_NAMES[folder] = names
     return names
 
 
-def _list_frame_files(folder: str) -> list[str]:
-    """Names of a frame folder's JPEG files ordered by the frame number that ends them."""
+def _list_frame_files(folder: str) -> dict[int, str]:
+    """Frame number -> name of a frame folder's JPEG files of its naming pattern, ordered by number.
+
+    The pattern is the text before and after the number that most of the files share (`frame_` and `.jpg`): a stray
+    numbered file (`cover_2.jpg`) is not a frame. Of two names for one number (`f1.jpg`, `f01.jpg`), the first sorted.
+    """
     try:
         names = os.listdir(folder)
     except OSError as error:
         raise VideoReadError(f"{folder}: cannot list the frame folder ({error})") from error
-    numbered = sorted((int(match.group(1)), name) for name in names
-                      if (match := _FRAME_FILE.search(name)) and not name.startswith("."))  # skips macOS "._" copies
-    if not numbered:
+    patterns: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    for name in names:
+        if (match := _FRAME_FILE.search(name)) and not name.startswith("."):  # skips macOS "._" copies
+            patterns.setdefault((name[:match.start(1)], name[match.end(1):]), []).append((int(match.group(1)), name))
+    if not patterns:
         raise VideoReadError(f"{folder}: no numbered JPEG frames (expected e.g. frame_00001.jpg or <id>-000001.jpg)")
-    return [name for _, name in numbered]
+    numbered = max(sorted(patterns.items()), key=lambda item: len(item[1]))[1]  # ties: the first pattern sorted
+    by_number: dict[int, str] = {}
+    for number, name in sorted(numbered):
+        by_number.setdefault(number, name)
+    return by_number
 
 
 def _compact(names: list[str]) -> Sequence[str]:

@@ -1,8 +1,11 @@
 """video_io: frame selection, both video backends, JPEG frame folders, reduced-size decoding, broken inputs."""
 
 import gc
+import json
+import logging
 import os
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -32,10 +35,12 @@ def frame_ids(clip: torch.Tensor) -> list[int]:
     return [round((float(level) - 16) / 7) for level in clip.float().mean(dim=(1, 2, 3))]
 
 
-def write_video(path, num_frames=NUM_FRAMES, gop=5, codec="libx264", options=None, codec_options=None) -> str:
+def write_video(path, num_frames=NUM_FRAMES, gop=5, codec="libx264", options=None, codec_options=None,
+                rotation=None, timestamps=None) -> str:
     """A small video whose frame i is frame_pixels(i); x264 puts B-frames between the keyframes every `gop`.
 
-    `options` go to the container (muxer), `codec_options` to the encoder.
+    `options` go to the container (muxer), `codec_options` to the encoder; `rotation` (degrees counter-clockwise,
+    mirrored left to right) is the display matrix's; `timestamps` are the frames' times in milliseconds.
     """
     with av.open(str(path), "w", options=options or {}) as container:
         stream = container.add_stream(codec, rate=30)
@@ -43,8 +48,14 @@ def write_video(path, num_frames=NUM_FRAMES, gop=5, codec="libx264", options=Non
         stream.codec_context.gop_size = gop
         if codec_options:
             stream.options = codec_options
+        if rotation is not None:
+            stream.set_display_rotation(rotation[0], hflip=rotation[1])
+        if timestamps is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
         for i in range(num_frames):
             frame = av.VideoFrame.from_ndarray(frame_pixels(i), format="rgb24")
+            if timestamps is not None:
+                frame.pts, frame.time_base = timestamps[i], Fraction(1, 1000)
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
@@ -73,16 +84,11 @@ def video(tmp_path_factory) -> str:
     return write_video(tmp_path_factory.mktemp("video") / "clip.mp4")
 
 
-BACKENDS = [
-    pytest.param(
-        "torchcodec",
-        marks=pytest.mark.skipif(
-            "torchcodec" not in video_io.available_backends(),
-            reason=f"torchcodec unavailable: {video_io._torchcodec_problem()}",
-        ),
-    ),
-    "pyav",
-]
+needs_torchcodec = pytest.mark.skipif(
+    "torchcodec" not in video_io.available_backends(),
+    reason=f"torchcodec unavailable: {video_io._torchcodec_problem()}",
+)
+BACKENDS = [pytest.param("torchcodec", marks=needs_torchcodec), "pyav"]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -220,6 +226,85 @@ def test_both_backends_give_identical_frames(video):
         pyav = read_frames(video, indices, backend="pyav")
         codec = read_frames(video, indices, backend="torchcodec")
         assert torch.equal(pyav, codec)  # same FFmpeg decoder and colour conversion: exact, not approximate
+
+
+def upright(pixels: np.ndarray, rotation: tuple[int, bool]) -> np.ndarray:
+    """A decoded (H, W, C) frame as players show it: turned rotation[0] degrees counter-clockwise, then mirrored left
+    to right where rotation[1] (what PyAV's set_display_rotation writes)."""
+    turned = np.rot90(pixels, rotation[0] // 90)
+    return turned[:, ::-1] if rotation[1] else turned
+
+
+@pytest.mark.parametrize(("rotation", "suffix"), [
+    ((90, False), ".mp4"), ((-90, False), ".mp4"), ((180, False), ".mp4"), ((0, True), ".mp4"), ((90, True), ".mov"),
+    ((90, False), ".mkv"),
+], ids=["90", "-90", "180", "mirrored", "90-mirrored-mov", "90-mkv"])
+def test_rotated_video_reads_upright(tmp_path, rotation, suffix):
+    """A phone video's display matrix is applied: frames come out as players show them, and the info gives their size
+    so, through the demuxer, the packet index the process made and the index file, and with torchcodec (to which MP4
+    files whose matrix mirrors are not sent: it only turns frames)."""
+    path = write_video(tmp_path / f"phone{suffix}", rotation=rotation)
+    with av.open(path) as container:
+        decoded = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]  # as stored
+    indices = [3, 17, 29, 3, 0]
+    expected = torch.from_numpy(np.stack([upright(decoded[i], rotation) for i in indices])).permute(0, 3, 1, 2)
+    info = VideoInfo(NUM_FRAMES, 30.0, *((WIDTH, HEIGHT) if rotation[0] % 180 else (HEIGHT, WIDTH)))
+    indexable = suffix != ".mkv"
+    for attempt in range(3):  # the demuxer, then the index this process made, then the index file
+        if attempt == 2:
+            assert video_io.write_packet_index(path) == indexable
+            video_io._forget_packet_index(path)
+        with video_io.open_video(path, "pyav") as opened:
+            assert isinstance(opened, video_io._IndexedVideo) == (indexable and attempt > 0)
+            assert opened.info == info
+            assert torch.equal(opened.read(indices), expected)
+    if "torchcodec" in video_io.available_backends():
+        assert probe(path, backend="torchcodec") == info
+        assert torch.equal(read_frames(path, indices, backend="torchcodec"), expected)
+
+
+def test_packet_index_file_of_the_first_format(tmp_path, monkeypatch):
+    """An index file written before the index kept the display matrix (format 1) still serves a video without one; for
+    a rotated video it is reported, and the video is read through the demuxer, upright."""
+    for name, rotation in (("plain.mp4", None), ("phone.mp4", (90, False))):
+        path = write_video(tmp_path / name, rotation=rotation)
+        assert video_io.write_packet_index(path)
+        data = open_bytes(path + video_io.PACKET_INDEX_SUFFIX)
+        magic_end = data.index(b"\n") + 1
+        header_end = data.index(b"\n", magic_end) + 1
+        header = json.loads(data[magic_end:header_end])
+        header.pop("display_matrix", None)
+        with open(path + video_io.PACKET_INDEX_SUFFIX, "wb") as file:
+            file.write(b"X3D packet index 1\n" + json.dumps(header).encode("ascii") + b"\n" + data[header_end:])
+    monkeypatch.setattr(video_io, "_packet_indexes", {})
+    monkeypatch.setattr(video_io, "_indexed_packets", 0)
+    monkeypatch.setattr(video_io, "_warned_about_index_files", False)
+    with monkeypatch.context() as patched:
+        patched.setattr(av, "open", lambda *args, **kwargs: pytest.fail("the index file was not used"))
+        assert frame_ids(read_frames(tmp_path / "plain.mp4", [19, 3])) == [19, 3]
+    with pytest.warns(UserWarning, match="phone.mp4.packets was written without the video's display matrix"):
+        clip = read_frames(tmp_path / "phone.mp4", [19, 3])
+    assert clip.shape[2:] == (WIDTH, HEIGHT) and frame_ids(clip) == [19, 3]
+
+
+@needs_torchcodec
+def test_torchcodec_gives_pyavs_fps_for_a_variable_frame_rate(tmp_path):
+    """torchcodec's header rate is the rate of the timestamps, not the average PyAV reports: for a variable-rate video
+    they differ (here 1000 against about 47), and the clip spans computed from them would too."""
+    steps = [(1, 2, 5, 33, 100)[i % 5] for i in range(NUM_FRAMES - 1)]
+    path = write_video(tmp_path / "vfr.mp4", timestamps=np.cumsum([0, *steps]).tolist())
+    with av.open(path) as container:
+        average = float(container.streams.video[0].average_rate)
+    assert probe(path, backend="pyav").fps == average
+    assert probe(path, backend="torchcodec") == probe(path, backend="pyav")
+
+
+@needs_torchcodec
+def test_torchcodec_backend_leaves_mpeg_ts_to_pyav(tmp_path):
+    """torchcodec returns other frames than those asked for from an MPEG-TS file with B-frames, without an error."""
+    path = write_video(tmp_path / "clip.ts", gop=12)
+    for indices in ([0], [5], [3, 20], [29, 0, 14]):
+        assert frame_ids(read_frames(path, indices, backend="torchcodec")) == indices
 
 
 def test_container_without_frame_count(tmp_path):
@@ -373,7 +458,6 @@ def test_frame_folder_patterns(tmp_path, name_of):
 @pytest.mark.parametrize("numbers, name", [
     (range(1, 13), "frame_{:05d}.jpg"),  # the original repository's
     (range(1, 13), "AB12C-{:06d}.jpg"),  # Charades'
-    (range(7, 120, 10), "img{}.jpeg"),  # not consecutive
     (range(95, 107), "{}.jpg"),  # no padding: 95.jpg ... 106.jpg
     (range(95, 107), "f{:02d}.jpg"),  # padded to 2 digits, then 3
 ])
@@ -385,8 +469,7 @@ def test_frame_names_are_listed_once_and_kept_compact(tmp_path, monkeypatch, num
     (folder / "notes.txt").touch()
     names = video_io._frame_files(str(folder))
     assert list(names) == [name.format(n) for n in numbers]
-    consecutive = numbers.step == 1
-    assert isinstance(names, video_io._NumberedNames) == consecutive
+    assert isinstance(names, video_io._NumberedNames)
     assert len(names) == 12 and names[-1] == name.format(numbers[-1])
     with pytest.raises(IndexError):
         names[12]
@@ -396,6 +479,39 @@ def test_frame_names_are_listed_once_and_kept_compact(tmp_path, monkeypatch, num
 
     monkeypatch.setattr(os, "listdir", no_listing)  # a second read of the folder in this process lists nothing
     assert video_io._frame_files(str(folder)) is names
+
+
+def test_frame_folder_with_gaps_and_a_stray_file(tmp_path, caplog):
+    """Frame i is the file numbered i after the lowest, so that per-frame labels stay aligned where numbers are
+    missing: such a frame is read as the one before it, with one warning per folder; a numbered file of another name
+    is no frame."""
+    folder = write_frame_folder(tmp_path / "gaps", lambda i: f"frame_{i:05d}.jpg", num_frames=8)
+    for number in (4, 6, 7):
+        os.remove(os.path.join(folder, f"frame_{number:05d}.jpg"))
+    Image.fromarray(frame_pixels(20)).save(os.path.join(folder, "cover_2.jpg"))
+    with caplog.at_level(logging.WARNING, logger="video_io"):
+        assert probe(folder) == VideoInfo(8, 30.0, HEIGHT, WIDTH)
+        assert frame_ids(read_frames(folder, range(8))) == [0, 1, 2, 2, 4, 4, 4, 7]
+        assert frame_ids(read_frames(folder, [5, -1, 20])) == [4, 0, 7]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{folder}: 3 of the frame numbers 1 to 8 have no file; each is read as the frame before it"]
+
+
+def test_frame_numbers_with_gaps_keep_their_places(tmp_path):
+    """Every tenth frame, numbered as in the source: 111 frames, each file standing for ten; a gap of a billion numbers
+    takes no memory."""
+    for name, numbers in (("tenth", range(7, 120, 10)), ("far", (1, 2, 1_000_000_000))):
+        (tmp_path / name).mkdir()
+        for n in numbers:
+            (tmp_path / name / f"img{n}.jpeg").touch()
+    tenth = video_io._frame_files(str(tmp_path / "tenth"))
+    assert len(tenth) == 111 and tenth[0] == tenth[9] == "img7.jpeg" and tenth[10] == "img17.jpeg"
+    assert tenth[-1] == tenth[110] == "img117.jpeg"
+    with pytest.raises(IndexError):
+        tenth[111]
+    far = video_io._frame_files(str(tmp_path / "far"))
+    assert len(far) == 1_000_000_000 and far[1] == "img2.jpeg" and far[500_000] == "img2.jpeg"
+    assert far[-1] == "img1000000000.jpeg"
 
 
 def test_reduced_size_decoding(tmp_path):

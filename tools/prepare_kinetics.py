@@ -18,7 +18,7 @@ exists and opens is skipped (and indexed if it has no index yet), and outputs ar
 renamed, so an interrupted or failed job never leaves a half file. Packets that fail to decode (a download cut short)
 are skipped, as training's reader skips them, rather than failing the video; a video of which no frame decodes is
 reported and left out of the list file. A phone video's rotation (display matrix) is kept as metadata, not applied to
-the pixels, so training reads the copy in the orientation it reads the original in. Without --short-side the original
+the pixels, and video_io turns its frames upright as it does the original's. Without --short-side the original
 videos are left as they are; `python tools/index_videos.py <root>` indexes them where they are MP4 files.
 """
 
@@ -134,8 +134,8 @@ def _decodable_frames(container: av.container.InputContainer, stream: av.video.s
 def _keep_display_matrix(frame: av.VideoFrame, out: av.video.stream.VideoStream) -> None:
     """Give the output the source's display matrix (a phone video's rotation, or a mirroring), if it has one.
 
-    The matrix is kept as metadata rather than applied to the pixels: video_io's PyAV reader ignores it and its
-    torchcodec reader applies it, so either reads the copy in the orientation it reads the original in."""
+    The matrix is kept as metadata rather than applied to the pixels, as in the source: players and video_io turn the
+    copy's frames upright as they do the original's."""
     side_data = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)
     if side_data is not None:
         matrix = list(struct.unpack("=9i", bytes(side_data)))  # [a b u; c d v; x y w], row by row
