@@ -589,10 +589,16 @@ def rank_views(num_views: int, views_per_video: int = 1) -> range:
 
 
 def eval_loader(dataset: Any, args: argparse.Namespace, batch_size: int | None = None) -> DataLoader:
-    """The evaluation views of this rank (`rank_views`), in order."""
-    sampler = rank_views(len(dataset), getattr(dataset, "views_per_video", 1))
-    return DataLoader(dataset, batch_size=batch_size or max(1, args.batch_size), sampler=sampler,
-                      num_workers=args.workers, pin_memory=torch.cuda.is_available(),
+    """The evaluation views of this rank (`rank_views`), in order: in batches of `batch_size` views, or by default of
+    whole videos, as many as --batch-size holds (at least one).
+
+    A loader's workers take batches in turn, and each keeps the decoded windows of the video it read last: a video
+    whose views were spread over several batches would be decoded by several workers."""
+    views = getattr(dataset, "views_per_video", 1)
+    share = rank_views(len(dataset), views)
+    size = batch_size or max(1, args.batch_size // views) * views
+    batches = [share[i : i + size] for i in range(0, len(share), size)]
+    return DataLoader(dataset, batch_sampler=batches, num_workers=args.workers, pin_memory=torch.cuda.is_available(),
                       worker_init_fn=utils.init_loader_worker)
 
 

@@ -340,3 +340,13 @@ def test_ranks_that_found_different_videos_stop_together(tmp_path, drop):
     else:
         assert outcomes[1].startswith("the processes found different train videos (rank 1: 4, 0 listed but missing)")
         assert "every machine must see the same data" in outcomes[0]
+
+
+def test_evaluation_batches_hold_whole_videos():
+    data = type("Views", (), dict(views_per_video=30, __len__=lambda self: 7 * 30, __getitem__=lambda self, i: i))()
+    for batch_size, expected in [(16, 30), (8, 30), (64, 60), (90, 90)]:  # whole videos, at least one
+        batches = list(engine.eval_loader(data, engine.argparse.Namespace(batch_size=batch_size, workers=0)))
+        assert [len(b) for b in batches[:-1]] == [expected] * (len(batches) - 1)
+        assert torch.cat(batches).tolist() == list(range(7 * 30))
+    batches = list(engine.eval_loader(data, engine.argparse.Namespace(batch_size=16, workers=0), batch_size=1))
+    assert len(batches) == 7 * 30  # the size asked for, as localization's whole-video items need
