@@ -325,7 +325,8 @@ def _boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, int, int]
         start = box_end
 
 
-def _frame_display_matrix(frame: av.VideoFrame) -> tuple[int, ...] | None:
+def frame_display_matrix(frame: av.VideoFrame) -> tuple[int, ...] | None:
+    """A decoded frame's display matrix (FFmpeg's layout, [a b u; c d v; x y w] row by row), or None."""
     side_data = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)
     return struct.unpack("=9i", bytes(side_data)) if side_data is not None else None  # native-endian int32s
 
@@ -370,7 +371,7 @@ class _PyAVVideo(Video):
         rate = self.stream.average_rate or self.stream.guessed_rate
         if not rate:
             raise VideoReadError(f"{self.path}: the video stream has no frame rate")
-        num_frames = self.num_frames()
+        num_frames = self.num_frames
         if num_frames == 0:
             raise VideoReadError(f"{self.path}: the video stream has no frames")
         codec = self.stream.codec_context
@@ -397,9 +398,10 @@ class _PyAVVideo(Video):
             frames = _decode_packet(codec, packet)
             if frames:
                 codec.flush_buffers()
-                return _frame_display_matrix(frames[0])
+                return frame_display_matrix(frames[0])
         return None
 
+    @functools.cached_property
     def num_frames(self) -> int:
         """The frames the video shows: its packets not marked discard, or as many as an MP4 header promises.
 
@@ -437,7 +439,7 @@ class _PyAVVideo(Video):
             indices = [max(i, 0) for i in indices]
             decoded = _decode_in_order(codec, packets, sorted(set(indices)))
         else:
-            num_frames = self.num_frames()
+            num_frames = self.num_frames
             indices = _clamp(indices, num_frames)
             _check_within_file(self.path, indices, len(timestamps), num_frames)
             keyframes = [i for i, p in enumerate(packets) if p.is_keyframe]

@@ -25,7 +25,6 @@ videos are left as they are; `python tools/index_videos.py <root>` indexes them 
 import argparse
 import multiprocessing
 import os
-import struct
 import sys
 from collections.abc import Iterator
 from fractions import Fraction
@@ -36,7 +35,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kinetics_multigrid import index_videos, read_official_csv  # noqa: E402
-from video_io import PACKET_INDEX_SUFFIX, VideoReadError, probe, write_packet_index  # noqa: E402
+from video_io import PACKET_INDEX_SUFFIX, VideoReadError, frame_display_matrix, probe, write_packet_index  # noqa: E402
 
 CSV_NAMES = {"train": ("train.csv",), "val": ("validate.csv", "val.csv")}
 
@@ -136,9 +135,9 @@ def _keep_display_matrix(frame: av.VideoFrame, out: av.video.stream.VideoStream)
 
     The matrix is kept as metadata rather than applied to the pixels, as in the source: players and video_io turn the
     copy's frames upright as they do the original's."""
-    side_data = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)
-    if side_data is not None:
-        matrix = list(struct.unpack("=9i", bytes(side_data)))  # [a b u; c d v; x y w], row by row
+    matrix = frame_display_matrix(frame)
+    if matrix is not None:
+        matrix = list(matrix)
         matrix[6:8] = 0, 0  # a translation, in source pixels: wrong after scaling (FFmpeg's own rotations have none)
         out.set_display_matrix(matrix)
 
